@@ -1,0 +1,1 @@
+"""Framework adapters, installed as ``lossledger.adapters``: each turns framework tensors into ``Run.log`` calls."""

@@ -1,0 +1,86 @@
+"""The commit protocol of a run.
+
+A run's group ``zarr.json`` holds the commit record ``attributes["commit"]``::
+
+    {"ticks": T, "streams": {name: {"dtype": "float32", "element_shape": [...], "since": tick}}, "updated": ISO}
+
+A tick is committed by (1) writing its chunks, the grown array metadata and the tick row, then (2)
+replacing the run's ``zarr.json`` with ``ticks = T + 1``. Step (2) is one atomic key replacement, so a
+reader that reads the commit record first and then only ticks ``< T`` never sees a partial tick, and a
+writer killed at any point leaves either T or T + 1 committed ticks. Whatever lies at ticks ``>= T`` (or in
+streams the record does not list) is garbage from a killed writer; :func:`recover` removes it before a
+writer resumes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import warnings
+from typing import Any
+
+from ._store import StoreIO
+from .errors import CorruptLedgerError, LedgerWarning, UnknownRunError
+from .format import TICK_COLUMNS, run_key, stream_key, ticks_key
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def read_run_attrs(io: StoreIO, run: str) -> dict[str, Any]:
+    """The run group's attributes (commit record, user attrs, created); raises if there is no such run."""
+    attrs = io.group_attrs(run_key(run))
+    if attrs is None:
+        raise UnknownRunError(f"no run named {run!r} in {io.root}; existing runs: {list_runs(io)}")
+    commit = attrs.get("commit")
+    if not isinstance(commit, dict) or not isinstance(commit.get("ticks"), int) or not isinstance(
+        commit.get("streams"), dict
+    ):
+        raise CorruptLedgerError(f"run {run!r} in {io.root} has no valid commit record; the ledger is damaged")
+    return attrs
+
+
+def write_run_attrs(io: StoreIO, run: str, attrs: dict[str, Any]) -> None:
+    """Replace the run's group metadata in one atomic write: this is the commit point."""
+    io.put_json(f"{run_key(run)}/zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": attrs})
+
+
+def list_runs(io: StoreIO) -> list[str]:
+    """Names of the runs whose group metadata exists (a half-created run is not listed)."""
+    return [name for name in io.list_dir("runs") if io.exists(f"{run_key(name)}/zarr.json")]
+
+
+def recover(io: StoreIO, run: str, committed: int, streams: dict[str, Any]) -> int:
+    """Remove what a killed writer left past the commit record; return how many objects were removed.
+
+    Deletes ``*.partial`` temp files, streams the record does not list, chunks at ticks ``>= committed``,
+    and resets every array's shape to ``committed`` ticks.
+    """
+    removed = io.remove_partial_files(run_key(run))
+    streams_dir = f"{run_key(run)}/streams"
+    for name in io.list_dir(streams_dir):
+        if name not in streams:
+            io.delete_dir(f"{streams_dir}/{name}")
+            removed += 1
+            continue
+        for tick in io.list_dir(f"{stream_key(run, name)}/c"):
+            if tick.isdigit() and int(tick) >= committed:
+                io.delete_dir(f"{stream_key(run, name)}/c/{tick}")
+                removed += 1
+    keys = [stream_key(run, name) for name in streams] + [ticks_key(run, c) for c in TICK_COLUMNS]
+    for key in keys:
+        meta = io.get_json(f"{key}/zarr.json")
+        if meta is None:
+            raise CorruptLedgerError(f"array {key} listed in the commit record is missing; the ledger is damaged")
+        if meta["shape"][0] != committed:
+            meta["shape"][0] = committed
+            io.put_json(f"{key}/zarr.json", meta)
+            removed += 1
+    if removed:
+        warnings.warn(
+            f"run {run!r}: removed {removed} leftover object(s) of an uncommitted tick (a writer stopped before "
+            f"end_epoch()); the run resumes after its {committed} committed tick(s)",
+            LedgerWarning,
+            stacklevel=3,
+        )
+    return removed

@@ -1,0 +1,411 @@
+"""Create and open ledgers; read trajectories back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from ._arrays import as_ids
+from ._commit import list_runs, now_iso, read_run_attrs, recover, write_run_attrs
+from ._samples import SampleIndex, Samples, build_samples, read_samples, write_samples
+from ._store import RunLock, StoreIO, json_bytes
+from .errors import (
+    CorruptLedgerError,
+    FormatVersionError,
+    InvalidDTypeError,
+    InvalidNameError,
+    LedgerExistsError,
+    LedgerNotFoundError,
+    LedgerWarning,
+    NotALedgerError,
+    ReadOnlyError,
+    ShapeMismatchError,
+    UnknownStreamError,
+)
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ON_DUPLICATE,
+    STREAM_DTYPES,
+    TICK_COLUMNS,
+    TICKS_CHUNK,
+    OnDuplicate,
+    check_run_name,
+    check_stream_name,
+    run_key,
+    stream_key,
+    ticks_key,
+)
+from .run import Run, _Stream
+
+Mode = Literal["r", "a"]
+
+
+def create(
+    path: str | os.PathLike[str],
+    *,
+    sample_ids: Any = None,
+    n_samples: int | None = None,
+    labels: Any = None,
+    classes: Sequence[str] | None = None,
+    splits: Any = None,
+    overwrite: bool = False,
+) -> Ledger:
+    """Create a ledger at ``path`` and return it open for writing (mode ``"a"``).
+
+    Give either ``sample_ids`` ((N,) unique integer ids, e.g. dataset indices) or ``n_samples`` (ids
+    ``0..N-1``); optionally ``labels`` ((N,) int class indices), ``classes`` (their names) and ``splits``
+    ((N,) strings such as "train"/"val"). The ledger appears atomically: it is built beside ``path`` and
+    renamed into place. ``overwrite=True`` replaces an existing ledger, never other files.
+
+    >>> ledger = create(tmp / "demo.ll", n_samples=4, labels=[0, 1, 1, 0], classes=["cat", "dog"])
+    """
+    target = Path(path)
+    samples = build_samples(sample_ids=sample_ids, n_samples=n_samples, labels=labels, classes=classes, splits=splits)
+    existing = _existing(target, overwrite)
+    staging = target.with_name(f".{target.name}.creating-{uuid.uuid4().hex[:8]}")
+    try:
+        io = StoreIO(staging, read_only=False)
+        write_samples(io, samples)
+        io.create_group("runs")
+        io.create_group("", {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": now_iso()})
+        if existing:
+            trash = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
+            target.rename(trash)
+            staging.rename(target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return Ledger(target, mode="a")
+
+
+def _existing(target: Path, overwrite: bool) -> bool:
+    """Whether a ledger is at ``target`` that may be replaced; raise if the path cannot be created."""
+    if not target.exists():
+        if not target.parent.is_dir():
+            raise LedgerNotFoundError(f"cannot create {target}: folder {target.parent} does not exist; create it first")
+        return False
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+        return False
+    if not _is_ledger(target):
+        raise LedgerExistsError(
+            f"{target} already exists and is not a ledger; lossledger never deletes other files: choose another path"
+        )
+    if not overwrite:
+        raise LedgerExistsError(
+            f"a ledger already exists at {target}; open it with lossledger.open({str(target)!r}, mode='a'), "
+            "or pass overwrite=True to replace it"
+        )
+    return True
+
+
+def _is_ledger(path: Path) -> bool:
+    try:
+        doc = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("attributes", {}).get("format") == FORMAT_NAME
+
+
+def open(path: str | os.PathLike[str], mode: Mode = "r") -> Ledger:  # noqa: A001 - mirrors zarr.open
+    """Open the ledger at ``path``: mode ``"r"`` (default) to read, ``"a"`` to also write runs."""
+    return Ledger(Path(path), mode=mode)
+
+
+class Ledger:
+    """A ledger on disk: samples, runs, and their committed ticks. Use :func:`create` or :func:`open`.
+
+    Readers see only committed ticks, re-read at every call, so a reader open during training sees new
+    ticks as they are committed.
+    """
+
+    def __init__(self, path: Path, *, mode: Mode = "r") -> None:
+        if mode not in ("r", "a"):
+            raise ShapeMismatchError(f"mode must be 'r' (read) or 'a' (read and write runs), got {mode!r}")
+        if not path.exists():
+            raise LedgerNotFoundError(f"no ledger at {path}; create one with lossledger.create({str(path)!r}, ...)")
+        self.path = path
+        self.mode: Mode = mode
+        self._io = StoreIO(path, read_only=mode == "r")
+        root = self._io.group_attrs("")
+        if root is None or root.get("format") != FORMAT_NAME:
+            raise NotALedgerError(
+                f"{path} is not a lossledger ledger (no zarr.json with format 'lossledger'); pass the folder "
+                "made by lossledger.create()"
+            )
+        version = root.get("version")
+        if not isinstance(version, int) or version < 1:
+            raise CorruptLedgerError(f"{path} has an invalid format version {version!r}; the ledger is damaged")
+        if version > FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{path} uses ledger format version {version}, newer than version {FORMAT_VERSION} that this "
+                "lossledger reads; upgrade lossledger (pip install -U lossledger)"
+            )
+        self._root_attrs = root
+        self._samples: Samples = read_samples(self._io)
+        self._index = SampleIndex(self._samples.sample_id)
+        self._open_runs: list[Run] = []
+
+    # --- samples --------------------------------------------------------------------------------------
+    @property
+    def n_samples(self) -> int:
+        return self._samples.n
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        """(N,) int64 sample ids in row order."""
+        return self._samples.sample_id.copy()
+
+    @property
+    def classes(self) -> tuple[str, ...] | None:
+        return self._samples.classes
+
+    @property
+    def samples(self) -> pa.Table:
+        """One row per sample: ``sample_id``, and ``label``, ``class``, ``split`` where the ledger has them."""
+        s = self._samples
+        columns: dict[str, Any] = {"sample_id": pa.array(s.sample_id, pa.int64())}
+        if s.label is not None:
+            columns["label"] = pa.array(s.label, pa.int32())
+            if s.classes is not None:
+                columns["class"] = pa.DictionaryArray.from_arrays(pa.array(s.label), pa.array(list(s.classes)))
+        if s.split is not None:
+            columns["split"] = pa.DictionaryArray.from_arrays(pa.array(s.split), pa.array(list(s.splits or ())))
+        return pa.table(columns)
+
+    # --- runs -----------------------------------------------------------------------------------------
+    @property
+    def runs(self) -> list[str]:
+        """Names of the runs in the ledger, sorted."""
+        return list_runs(self._io)
+
+    def run(
+        self,
+        name: str,
+        /,
+        *,
+        on_duplicate: OnDuplicate = "error",
+        allow_nonfinite: bool = False,
+        stream_dtypes: dict[str, str] | None = None,
+        **attrs: Any,
+    ) -> Run:
+        """Create run ``name``, or resume it after its last committed tick; return its writer.
+
+        ``attrs`` are JSON user attributes (model, seed, ...), merged into a resumed run's attributes.
+        ``on_duplicate`` says what a sample logged twice in one tick does: raise (default), keep the first or
+        last value, or average. ``allow_nonfinite`` stores NaN/inf losses instead of raising.
+        ``stream_dtypes`` maps stream names to "float32" (default) or "float16" (half the storage, ~3
+        significant digits). One writer per run: a second is refused with :class:`RunLockedError`.
+        """
+        if self.mode != "a":
+            raise ReadOnlyError(
+                f"ledger {self.path} is open read-only; open it with lossledger.open({str(self.path)!r}, mode='a') "
+                "to write runs"
+            )
+        check_run_name(name)
+        if on_duplicate not in ON_DUPLICATE:
+            raise ShapeMismatchError(f"on_duplicate must be one of {list(ON_DUPLICATE)}, got {on_duplicate!r}")
+        dtypes = dict(stream_dtypes or {})
+        for stream, dtype in dtypes.items():
+            check_stream_name(stream)
+            if dtype not in STREAM_DTYPES:
+                raise InvalidDTypeError(
+                    f"stream_dtypes[{stream!r}] = {dtype!r} is not supported; use one of {list(STREAM_DTYPES)}"
+                )
+        attrs = _json_attrs(attrs)
+        lock = RunLock(self.path / run_key(name) / "writer.lock", name)
+        try:
+            writer = self._open_writer(name, lock, attrs, on_duplicate, allow_nonfinite, dtypes)
+        except BaseException:
+            lock.release()
+            raise
+        self._open_runs.append(writer)
+        return writer
+
+    def _open_writer(
+        self, name: str, lock: RunLock, attrs: dict[str, Any], on_duplicate: OnDuplicate, allow_nonfinite: bool,
+        dtypes: dict[str, str],
+    ) -> Run:
+        io = self._io
+        if io.exists(f"{run_key(name)}/zarr.json"):
+            run_attrs = read_run_attrs(io, name)
+            commit = run_attrs["commit"]
+            recover(io, name, commit["ticks"], commit["streams"])
+            changed = {k: v for k, v in attrs.items() if k in run_attrs["attrs"] and run_attrs["attrs"][k] != v}
+            if changed:
+                warnings.warn(
+                    f"run {name!r}: resuming with changed attributes {sorted(changed)} (stored values replaced)",
+                    LedgerWarning,
+                    stacklevel=3,
+                )
+            if attrs:
+                run_attrs = {**run_attrs, "attrs": {**run_attrs["attrs"], **attrs}}
+                write_run_attrs(io, name, run_attrs)
+        else:
+            # A run whose group metadata is missing was never created (or its creation was killed): start clean.
+            for leftover in ("streams", "ticks"):
+                io.delete_dir(f"{run_key(name)}/{leftover}")
+            for column, (dtype, fill) in TICK_COLUMNS.items():
+                io.create_array(ticks_key(name, column), shape=(0,), chunks=(TICKS_CHUNK,), dtype=dtype, fill_value=fill)
+            created = now_iso()
+            run_attrs = {"commit": {"ticks": 0, "streams": {}, "updated": created}, "created": created, "attrs": attrs}
+            write_run_attrs(io, name, run_attrs)
+        n_ticks = run_attrs["commit"]["ticks"]
+        tick_meta = {c: _require(io.get_json(f"{ticks_key(name, c)}/zarr.json"), ticks_key(name, c)) for c in TICK_COLUMNS}
+        ticks = {c: np.asarray(io.open_array(ticks_key(name, c))[:n_ticks]) for c in TICK_COLUMNS}
+        streams = {}
+        for stream, record in run_attrs["commit"]["streams"].items():
+            meta = _require(io.get_json(f"{stream_key(name, stream)}/zarr.json"), stream_key(name, stream))
+            streams[stream] = _Stream(
+                stream, record["dtype"], tuple(record["element_shape"]), record["since"],
+                per_chunk=int(meta["chunk_grid"]["configuration"]["chunk_shape"][1]), meta=meta,
+            )
+        return Run(
+            io=io, name=name, index=self._index, lock=lock, attrs=run_attrs, ticks=ticks,
+            tick_meta=tick_meta, streams=streams, on_duplicate=on_duplicate, allow_nonfinite=allow_nonfinite,
+            stream_dtypes=dtypes,
+        )
+
+    def run_attrs(self, run: str) -> dict[str, Any]:
+        """User attributes of ``run``, plus ``created`` and ``updated`` (ISO-8601 UTC)."""
+        attrs = read_run_attrs(self._io, run)
+        return {**attrs["attrs"], "created": attrs.get("created"), "updated": attrs["commit"].get("updated")}
+
+    def streams(self, run: str) -> pa.Table:
+        """Committed streams of ``run``: ``stream``, ``dtype``, ``element_shape``, ``since`` (first tick)."""
+        records = read_run_attrs(self._io, run)["commit"]["streams"]
+        names = sorted(records)
+        return pa.table(
+            {
+                "stream": pa.array(names, pa.string()),
+                "dtype": pa.array([records[n]["dtype"] for n in names], pa.string()),
+                "element_shape": pa.array([records[n]["element_shape"] for n in names], pa.list_(pa.int64())),
+                "since": pa.array([records[n]["since"] for n in names], pa.int64()),
+            }
+        )
+
+    def ticks(self, run: str) -> pa.Table:
+        """Committed ticks of ``run``: ``tick``, ``epoch``, ``step`` (optimizer steps so far), ``wall`` (seconds)."""
+        n = read_run_attrs(self._io, run)["commit"]["ticks"]
+        columns: dict[str, Any] = {"tick": pa.array(np.arange(n, dtype=np.int64))}
+        for column in TICK_COLUMNS:
+            columns[column] = pa.array(np.asarray(self._io.open_array(ticks_key(run, column))[:n]))
+        return pa.table(columns)
+
+    def trajectories(
+        self, run: str, stream: str = "loss", ids: Any = None, ticks: Any = None
+    ) -> np.ndarray:
+        """Values of ``stream`` for ``ids`` (default: all samples) at ``ticks`` (default: all committed).
+
+        Returns shape (len(ids), len(ticks), *element_shape) in the stored dtype, NaN where a sample was
+        not logged. Memory is that of the result: meant for small reads (scores stream over chunks).
+        """
+        commit = read_run_attrs(self._io, run)["commit"]
+        if stream not in commit["streams"]:
+            raise UnknownStreamError(
+                f"run {run!r} has no committed stream {stream!r}; its streams are {sorted(commit['streams'])}"
+            )
+        n_ticks = commit["ticks"]
+        tick_index = _tick_index(ticks, n_ticks)
+        rows = None if ids is None else self._index.rows(as_ids(ids))
+        array = self._io.open_array(stream_key(run, stream))
+        element = (slice(None),) * len(commit["streams"][stream]["element_shape"])
+        if rows is None:
+            out = array.get_orthogonal_selection((tick_index, slice(None), *element))
+        elif rows.size == 0 or tick_index.size == 0:
+            shape = (tick_index.size, rows.size, *commit["streams"][stream]["element_shape"])
+            out = np.empty(shape, dtype=array.dtype)
+        else:
+            order = np.argsort(rows, kind="stable")
+            unique_rows, inverse = np.unique(rows[order], return_inverse=True)
+            picked = array.get_orthogonal_selection((tick_index, unique_rows, *element))
+            out = np.empty((tick_index.size, rows.size, *picked.shape[2:]), dtype=picked.dtype)
+            out[:, order] = picked[:, inverse]
+        return np.moveaxis(np.asarray(out), 0, 1)
+
+    def info(self) -> str:
+        """A human-readable summary: samples, classes, splits, and each run's ticks and streams."""
+        s = self._samples
+        lines = [f"lossledger v{self._root_attrs['version']} ledger at {self.path}", f"  samples: {s.n:,}"]
+        if s.classes is not None:
+            lines.append(f"  classes: {len(s.classes)} ({', '.join(s.classes[:10])}{', ...' if len(s.classes) > 10 else ''})")
+        if s.split is not None and s.splits is not None:
+            counts = np.bincount(s.split, minlength=len(s.splits))
+            lines.append("  splits: " + ", ".join(f"{name} {c:,}" for name, c in zip(s.splits, counts)))
+        runs = self.runs
+        lines.append(f"  runs: {len(runs)}")
+        for run in runs:
+            attrs = read_run_attrs(self._io, run)
+            commit = attrs["commit"]
+            streams = ", ".join(
+                name + (f"{tuple(r['element_shape'])}" if r["element_shape"] else "") + ("[f16]" if r["dtype"] == "float16" else "")
+                for name, r in sorted(commit["streams"].items())
+            ) or "-"
+            user = ", ".join(f"{k}={v}" for k, v in attrs["attrs"].items())
+            lines.append(f"    {run}: {commit['ticks']} tick(s); streams: {streams}" + (f"; {user}" if user else ""))
+            lines.append(f"      updated {commit.get('updated')}")
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        """Close every run writer opened through this ledger (uncommitted values are discarded, loudly)."""
+        for writer in self._open_runs:
+            writer.close()
+        self._open_runs.clear()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<lossledger.Ledger {str(self.path)!r} mode={self.mode!r} samples={self.n_samples}>"
+
+
+def _tick_index(ticks: Any, n_ticks: int) -> np.ndarray:
+    if ticks is None:
+        return np.arange(n_ticks, dtype=np.int64)
+    if isinstance(ticks, slice):
+        return np.arange(n_ticks, dtype=np.int64)[ticks]
+    index = as_ids(ticks)
+    if index.size and (index.min() < -n_ticks or index.max() >= n_ticks):
+        raise ShapeMismatchError(
+            f"ticks {index.tolist()[:5]} out of range: the run has {n_ticks} committed tick(s) (0..{n_ticks - 1})"
+        )
+    return np.where(index < 0, index + n_ticks, index)
+
+
+def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """User attributes as plain JSON (numpy scalars unwrapped); raise naming the first bad one."""
+    out = {}
+    for key, value in attrs.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        try:
+            json_bytes({key: value})
+        except (TypeError, ValueError) as err:
+            raise InvalidDTypeError(
+                f"run attribute {key}={value!r} is not JSON ({err}); pass str, int, float (finite), bool, None, "
+                "or lists/dicts of those"
+            ) from err
+        out[key] = value
+    return out
+
+
+def _require(doc: dict[str, Any] | None, key: str) -> dict[str, Any]:
+    if doc is None:
+        raise CorruptLedgerError(f"array metadata {key}/zarr.json is missing; the ledger is damaged")
+    return doc

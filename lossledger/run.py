@@ -1,0 +1,345 @@
+"""The run writer: buffer one tick of per-sample values, then commit it atomically.
+
+Memory: one tick buffer per stream logged in the tick, ``N x element_size`` float32 values plus one flag
+per sample (about 5 bytes per sample for a scalar stream), never ``N x ticks``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._arrays import as_ids, as_values
+from ._commit import now_iso, write_run_attrs
+from ._store import ChunkEncoder, RunLock, StoreIO, json_bytes
+from .errors import (
+    DuplicateSampleError,
+    LedgerWarning,
+    NonFiniteValueError,
+    RunClosedError,
+    ShapeMismatchError,
+)
+from .format import TICK_COLUMNS, TICKS_CHUNK, OnDuplicate, check_stream_name, samples_per_chunk, stream_key, ticks_key
+
+if TYPE_CHECKING:
+    from ._samples import SampleIndex
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass
+class _Stream:
+    """A stream's fixed layout, and its array metadata (kept here: the run's writer is its only writer)."""
+
+    name: str
+    dtype: str
+    element_shape: tuple[int, ...]
+    since: int
+    per_chunk: int
+    meta: dict[str, Any] | None = None  # None until the stream's array is created at its first commit
+
+    def record(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "element_shape": list(self.element_shape), "since": self.since}
+
+
+@dataclass
+class _TickBuffer:
+    """One stream's values logged in the current tick."""
+
+    values: np.ndarray  # (N, *element_shape) float32, NaN where not logged
+    seen: np.ndarray  # (N,) bool
+    touched: np.ndarray  # (n_chunks,) bool: chunks that hold at least one logged sample
+    counts: np.ndarray | None = field(default=None)  # (N,) int32 for on_duplicate="mean"
+
+
+class Run:
+    """Writes one training run. Get one with :meth:`lossledger.Ledger.run`; use it as a context manager.
+
+    Example::
+
+        with ledger.run("mlp-s0", model="mlp", seed=0) as run:
+            for epoch in range(10):
+                for ids, x, y in loader:
+                    run.log(ids, loss=per_sample_loss(x, y))
+                run.end_epoch()
+    """
+
+    def __init__(
+        self,
+        *,
+        io: StoreIO,
+        name: str,
+        index: SampleIndex,
+        lock: RunLock,
+        attrs: dict[str, Any],
+        ticks: dict[str, np.ndarray],
+        tick_meta: dict[str, dict[str, Any]],
+        streams: dict[str, _Stream],
+        on_duplicate: OnDuplicate,
+        allow_nonfinite: bool,
+        stream_dtypes: dict[str, str],
+    ) -> None:
+        self._io, self.name, self._index, self._lock = io, name, index, lock
+        self._attrs = attrs
+        self._ticks = ticks  # committed tick rows, O(T)
+        self._tick_meta = tick_meta
+        self._streams = streams
+        self._on_duplicate = on_duplicate
+        self._allow_nonfinite = allow_nonfinite
+        self._stream_dtypes = stream_dtypes
+        self._buffers: dict[str, _TickBuffer] = {}
+        self._calls_in_tick = 0
+        self._closed = False
+        self._wall_base = float(ticks["wall"][-1]) if len(ticks["wall"]) else 0.0
+        self._started = time.monotonic()
+
+    # --- public API -----------------------------------------------------------------------------------
+    @property
+    def ticks(self) -> int:
+        """Number of committed ticks."""
+        return int(self._attrs["commit"]["ticks"])
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The run's user attributes (JSON)."""
+        return dict(self._attrs["attrs"])
+
+    def log(self, ids: Any, /, **streams: Any) -> None:
+        """Record per-sample values of one or more streams for the current tick.
+
+        ``ids``: (B,) int sample ids. Each keyword is a stream: (B, *element_shape) real values, one per id
+        (per-sample losses with ``reduction="none"``), as numpy arrays, sequences, or ``__array__``/DLPack
+        tensors. Bad input raises before anything is recorded. Costs O(B) time; counts as one optimizer step.
+        """
+        self._check_open()
+        if not streams:
+            raise ShapeMismatchError("log() got ids but no stream; pass values as keywords, e.g. run.log(ids, loss=l)")
+        ids_arr = as_ids(ids)
+        rows = self._index.rows(ids_arr)
+        unique_rows = None
+        checked: list[tuple[_Stream, np.ndarray]] = []
+        for name, raw in streams.items():
+            values = as_values(raw, check_stream_name(name), len(ids_arr))
+            stream = self._streams.get(name) or self._new_stream(name, values)
+            if values.shape[1:] != stream.element_shape:
+                raise ShapeMismatchError(
+                    f"stream {name!r} has element shape {stream.element_shape} in run {self.name!r} but got "
+                    f"{values.shape[1:]}; keep one element shape per stream (log other shapes to a new stream name)"
+                )
+            self._check_finite(name, stream, values)
+            if self._on_duplicate == "error":
+                if unique_rows is None:
+                    unique_rows = np.unique(rows).size == rows.size
+                self._check_no_duplicates(name, ids_arr, rows, unique_rows)
+            checked.append((stream, values))
+        for stream, values in checked:
+            self._record(stream, rows, values)
+        self._calls_in_tick += 1
+
+    def end_epoch(self, *, epoch: int | None = None, step: int | None = None) -> int:
+        """Commit the current tick and return its index (0-based).
+
+        Records ``epoch`` (default: previous + 1, from 0), ``step`` (global optimizer step; default: previous +
+        number of ``log`` calls in the tick) and ``wall`` (seconds the run has been open, summed over resumes).
+        Samples not logged in the tick stay NaN. After this returns the tick survives a crash.
+        """
+        self._check_open()
+        tick = self.ticks
+        if not self._buffers:
+            warnings.warn(
+                f"run {self.name!r}: tick {tick} is committed with no values logged (every sample NaN)",
+                LedgerWarning,
+                stacklevel=2,
+            )
+        row = self._next_tick_row(epoch, step)
+        items: dict[str, bytes] = {}
+        for name, buffer in self._buffers.items():
+            items.update(self._encode_tick(self._streams[name], buffer, tick))
+        for stream in self._streams.values():
+            self._grow(stream, tick + 1)
+            items[f"{stream_key(self.name, stream.name)}/zarr.json"] = json_bytes(stream.meta)
+        items.update(self._encode_tick_row(row, tick))
+        self._io.put_many(items)
+
+        commit = self._attrs["commit"]
+        self._attrs = {
+            **self._attrs,
+            "commit": {
+                "ticks": tick + 1,
+                "streams": {name: s.record() for name, s in self._streams.items()},
+                "updated": now_iso(),
+            },
+        }
+        try:
+            write_run_attrs(self._io, self.name, self._attrs)
+        except BaseException:
+            self._attrs = {**self._attrs, "commit": commit}
+            raise
+        for column, value in row.items():
+            self._ticks[column] = np.append(self._ticks[column], value)
+        self._buffers.clear()
+        self._calls_in_tick = 0
+        return tick
+
+    def close(self) -> None:
+        """Release the run. Values logged since the last ``end_epoch`` are discarded, with a warning."""
+        if self._closed:
+            return
+        if self._buffers:
+            n = int(sum(int(b.seen.sum()) for b in self._buffers.values()))
+            warnings.warn(
+                f"run {self.name!r}: {n} value(s) logged since the last end_epoch() were discarded on close; "
+                "call run.end_epoch() before closing to keep them",
+                LedgerWarning,
+                stacklevel=2,
+            )
+        self._buffers.clear()
+        self._closed = True
+        self._lock.release()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<lossledger.Run {self.name!r} ticks={self.ticks} streams={sorted(self._streams)} {state}>"
+
+    # --- logging --------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RunClosedError(f"run {self.name!r} is closed; reopen it with ledger.run({self.name!r})")
+
+    def _new_stream(self, name: str, values: np.ndarray) -> _Stream:
+        dtype = self._stream_dtypes.get(name, "float32")
+        element_shape = tuple(int(d) for d in values.shape[1:])
+        per_chunk = samples_per_chunk(self._index.n, element_shape, np.dtype(dtype).itemsize)
+        # Not registered in self._streams until the log call passes every check (nothing written on bad input).
+        return _Stream(name, dtype, element_shape, since=self.ticks, per_chunk=per_chunk)
+
+    def _check_finite(self, name: str, stream: _Stream, values: np.ndarray) -> None:
+        if values.dtype.kind != "f":
+            return
+        if not self._allow_nonfinite and not np.isfinite(values).all():
+            bad = int(values.size - np.isfinite(values).sum())
+            raise NonFiniteValueError(
+                f"stream {name!r} got {bad} NaN/inf value(s); fix the loss (e.g. clamp log(0)), or open the run "
+                "with allow_nonfinite=True to store them (NaN then reads as 'not logged')"
+            )
+        if stream.dtype == "float16" and np.nanmax(np.abs(values), initial=0.0) > _FLOAT16_MAX:
+            raise NonFiniteValueError(
+                f"stream {name!r} is stored as float16 but got values above {_FLOAT16_MAX:g}; store it as float32 "
+                "(stream_dtypes={...: 'float32'}) or rescale"
+            )
+
+    def _check_no_duplicates(self, name: str, ids: np.ndarray, rows: np.ndarray, unique_in_batch: bool) -> None:
+        buffer = self._buffers.get(name)
+        repeated = None
+        if not unique_in_batch:
+            sorted_ids = np.sort(ids)
+            repeated = sorted_ids[1:][np.diff(sorted_ids) == 0]
+        elif buffer is not None and buffer.seen[rows].any():
+            repeated = ids[buffer.seen[rows]]
+        if repeated is not None:
+            raise DuplicateSampleError(
+                f"stream {name!r}: sample id(s) {np.unique(repeated)[:5].tolist()} logged twice in tick {self.ticks}"
+                f" of run {self.name!r}; log each sample once per tick, or open the run with on_duplicate="
+                "'first' | 'last' | 'mean'"
+            )
+
+    def _record(self, stream: _Stream, rows: np.ndarray, values: np.ndarray) -> None:
+        self._streams.setdefault(stream.name, stream)
+        buffer = self._buffers.get(stream.name)
+        if buffer is None:
+            n = self._index.n
+            buffer = _TickBuffer(
+                values=np.full((n, *stream.element_shape), np.nan, dtype=np.float32),
+                seen=np.zeros(n, dtype=bool),
+                touched=np.zeros(-(-n // stream.per_chunk), dtype=bool),
+                counts=np.zeros(n, dtype=np.int32) if self._on_duplicate == "mean" else None,
+            )
+            self._buffers[stream.name] = buffer
+        mode = self._on_duplicate
+        if mode == "mean":
+            np.add.at(buffer.counts, rows, 1)
+            first_time = ~buffer.seen[rows]
+            buffer.values[rows[first_time]] = 0.0
+            np.add.at(buffer.values, rows, values)
+        else:
+            if mode in ("first", "last"):
+                rows, values = _dedupe(rows, values, keep=mode)
+            if mode == "first":
+                fresh = ~buffer.seen[rows]
+                rows, values = rows[fresh], values[fresh]
+            buffer.values[rows] = values
+        buffer.seen[rows] = True
+        buffer.touched[rows // stream.per_chunk] = True
+
+    # --- committing -----------------------------------------------------------------------------------
+    def _next_tick_row(self, epoch: int | None, step: int | None) -> dict[str, Any]:
+        last_epoch = int(self._ticks["epoch"][-1]) if len(self._ticks["epoch"]) else -1
+        last_step = int(self._ticks["step"][-1]) if len(self._ticks["step"]) else 0
+        return {
+            "epoch": last_epoch + 1 if epoch is None else int(epoch),
+            "step": last_step + self._calls_in_tick if step is None else int(step),
+            "wall": self._wall_base + (time.monotonic() - self._started),
+        }
+
+    def _encode_tick(self, stream: _Stream, buffer: _TickBuffer, tick: int) -> dict[str, bytes]:
+        values = buffer.values
+        if buffer.counts is not None:
+            logged = buffer.counts > 0
+            values = values.copy()
+            values[logged] /= buffer.counts[logged].reshape((-1,) + (1,) * len(stream.element_shape))
+        if stream.meta is None:
+            stream.meta = self._io.create_array(
+                stream_key(self.name, stream.name),
+                shape=(tick + 1, self._index.n, *stream.element_shape),
+                chunks=(1, stream.per_chunk, *stream.element_shape),
+                dtype=stream.dtype,
+                fill_value=float("nan"),
+            )
+        encoder = ChunkEncoder(stream.meta)
+        base = stream_key(self.name, stream.name)
+        suffix = "/0" * len(stream.element_shape)
+        out = {}
+        for chunk in np.flatnonzero(buffer.touched):
+            lo = int(chunk) * stream.per_chunk
+            block = values[lo : lo + stream.per_chunk]
+            out[f"{base}/c/{tick}/{chunk}{suffix}"] = encoder.encode(block[None])
+        return out
+
+    def _grow(self, stream: _Stream, n_ticks: int) -> None:
+        assert stream.meta is not None
+        stream.meta["shape"][0] = n_ticks
+
+    def _encode_tick_row(self, row: dict[str, Any], tick: int) -> dict[str, bytes]:
+        chunk = tick // TICKS_CHUNK
+        lo = chunk * TICKS_CHUNK
+        out = {}
+        for column, value in row.items():
+            meta = self._tick_meta[column]
+            history = np.append(self._ticks[column][lo:], value).astype(TICK_COLUMNS[column][0])
+            meta["shape"][0] = tick + 1
+            key = ticks_key(self.name, column)
+            out[f"{key}/c/{chunk}"] = ChunkEncoder(meta).encode(history)
+            out[f"{key}/zarr.json"] = json_bytes(meta)
+        return out
+
+
+def _dedupe(rows: np.ndarray, values: np.ndarray, *, keep: str) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first (or last) occurrence of each row within one batch."""
+    if keep == "last":
+        _, rev_index = np.unique(rows[::-1], return_index=True)
+        index = rows.size - 1 - rev_index
+    else:
+        _, index = np.unique(rows, return_index=True)
+    if index.size == rows.size:
+        return rows, values
+    return rows[index], values[index]
