@@ -20,7 +20,7 @@ from typing import Any
 
 from ._store import StoreIO
 from .errors import CorruptLedgerError, LedgerWarning, UnknownRunError
-from .format import TICK_COLUMNS, run_key, stream_key, ticks_key
+from .format import TICK_COLUMNS, TICKS_CHUNK, run_key, stream_key, ticks_key
 
 
 def now_iso() -> str:
@@ -50,15 +50,24 @@ def list_runs(io: StoreIO) -> list[str]:
     return [name for name in io.list_dir("runs") if io.exists(f"{run_key(name)}/zarr.json")]
 
 
+def ensure_tick_arrays(io: StoreIO, run: str) -> None:
+    """Create the run's ``ticks/`` arrays if missing (a writer killed while creating the run leaves none)."""
+    for column, (dtype, fill) in TICK_COLUMNS.items():
+        if not io.exists(f"{ticks_key(run, column)}/zarr.json"):
+            io.create_array(ticks_key(run, column), shape=(0,), chunks=(TICKS_CHUNK,), dtype=dtype, fill_value=fill)
+
+
 def recover(io: StoreIO, run: str, committed: int, streams: dict[str, Any]) -> int:
     """Remove what a killed writer left past the commit record; return how many objects were removed.
 
-    Deletes ``*.partial`` temp files, streams the record does not list, chunks at ticks ``>= committed``,
+    Call after :func:`ensure_tick_arrays`. Deletes ``*.partial`` temp files, streams the record does not list, chunks at ticks ``>= committed``,
     and resets every array's shape to ``committed`` ticks.
     """
     removed = io.remove_partial_files(run_key(run))
     streams_dir = f"{run_key(run)}/streams"
     for name in io.list_dir(streams_dir):
+        if name == "zarr.json":  # the implicit group Zarr made when the first stream array was created
+            continue
         if name not in streams:
             io.delete_dir(f"{streams_dir}/{name}")
             removed += 1
@@ -67,8 +76,7 @@ def recover(io: StoreIO, run: str, committed: int, streams: dict[str, Any]) -> i
             if tick.isdigit() and int(tick) >= committed:
                 io.delete_dir(f"{stream_key(run, name)}/c/{tick}")
                 removed += 1
-    keys = [stream_key(run, name) for name in streams] + [ticks_key(run, c) for c in TICK_COLUMNS]
-    for key in keys:
+    for key in [stream_key(run, name) for name in streams] + [ticks_key(run, c) for c in TICK_COLUMNS]:
         meta = io.get_json(f"{key}/zarr.json")
         if meta is None:
             raise CorruptLedgerError(f"array {key} listed in the commit record is missing; the ledger is damaged")

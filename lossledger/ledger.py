@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from ._arrays import as_ids
-from ._commit import list_runs, now_iso, read_run_attrs, recover, write_run_attrs
+from ._commit import ensure_tick_arrays, list_runs, now_iso, read_run_attrs, recover, write_run_attrs
 from ._samples import SampleIndex, Samples, build_samples, read_samples, write_samples
 from ._store import RunLock, StoreIO, json_bytes
 from .errors import (
@@ -37,7 +37,6 @@ from .format import (
     ON_DUPLICATE,
     STREAM_DTYPES,
     TICK_COLUMNS,
-    TICKS_CHUNK,
     OnDuplicate,
     check_run_name,
     check_stream_name,
@@ -243,6 +242,8 @@ class Ledger:
         if io.exists(f"{run_key(name)}/zarr.json"):
             run_attrs = read_run_attrs(io, name)
             commit = run_attrs["commit"]
+            if commit["ticks"] == 0:
+                ensure_tick_arrays(io, name)
             recover(io, name, commit["ticks"], commit["streams"])
             changed = {k: v for k, v in attrs.items() if k in run_attrs["attrs"] and run_attrs["attrs"][k] != v}
             if changed:
@@ -258,11 +259,11 @@ class Ledger:
             # A run whose group metadata is missing was never created (or its creation was killed): start clean.
             for leftover in ("streams", "ticks"):
                 io.delete_dir(f"{run_key(name)}/{leftover}")
-            for column, (dtype, fill) in TICK_COLUMNS.items():
-                io.create_array(ticks_key(name, column), shape=(0,), chunks=(TICKS_CHUNK,), dtype=dtype, fill_value=fill)
             created = now_iso()
             run_attrs = {"commit": {"ticks": 0, "streams": {}, "updated": created}, "created": created, "attrs": attrs}
+            # The group metadata goes first: Zarr would otherwise make an attribute-less group for the arrays.
             write_run_attrs(io, name, run_attrs)
+            ensure_tick_arrays(io, name)
         n_ticks = run_attrs["commit"]["ticks"]
         tick_meta = {c: _require(io.get_json(f"{ticks_key(name, c)}/zarr.json"), ticks_key(name, c)) for c in TICK_COLUMNS}
         ticks = {c: np.asarray(io.open_array(ticks_key(name, c))[:n_ticks]) for c in TICK_COLUMNS}

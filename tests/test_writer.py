@@ -1,0 +1,218 @@
+"""Round trips through a real Zarr store on disk: what is logged is what is read back, NaN elsewhere."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lossledger as ll
+from lossledger.errors import LedgerWarning
+
+
+@st.composite
+def tick_plans(draw):
+    n = draw(st.integers(1, 40))
+    use_custom_ids = draw(st.booleans())
+    n_ticks = draw(st.integers(1, 5))
+    plan = []
+    for _ in range(n_ticks):
+        logged = draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n))
+        n_batches = draw(st.integers(1, 3))
+        plan.append((logged, n_batches))
+    return n, use_custom_ids, plan
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=tick_plans(), seed=st.integers(0, 2**32 - 1))
+def test_round_trip_matches_numpy_reference(tmp_path_factory, spec, seed):
+    n, use_custom_ids, plan = spec
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(10**12, size=n, replace=False).astype(np.int64) if use_custom_ids else np.arange(n)
+    path = tmp_path_factory.mktemp("rt") / "rt.ll"
+    led = ll.create(path, sample_ids=ids) if use_custom_ids else ll.create(path, n_samples=n)
+    expected = {"loss": np.full((len(plan), n), np.nan, np.float32),
+                "loc": np.full((len(plan), n), np.nan, np.float32),
+                "emb": np.full((len(plan), n, 3), np.nan, np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LedgerWarning)  # ticks with nothing logged warn
+        with led.run("r") as run:
+            for t, (rows, n_batches) in enumerate(plan):
+                rows = np.array(rows, dtype=np.int64)
+                for batch in np.array_split(rows, n_batches):
+                    if batch.size == 0:
+                        continue
+                    loss = rng.random(batch.size).astype(np.float32)
+                    loc = rng.random(batch.size)
+                    emb = rng.standard_normal((batch.size, 3)).astype(np.float32)
+                    run.log(ids[batch], loss=loss, loc=loc)
+                    run.log(ids[batch], emb=emb)
+                    expected["loss"][t, batch] = loss
+                    expected["loc"][t, batch] = loc.astype(np.float32)
+                    expected["emb"][t, batch] = emb
+                assert run.end_epoch() == t
+    reader = ll.open(path)
+    for stream, want in expected.items():
+        if stream not in reader.streams("r")["stream"].to_pylist():
+            assert np.isnan(want).all()
+            continue
+        got = reader.trajectories("r", stream)
+        np.testing.assert_array_equal(got, np.moveaxis(want, 0, 1))
+        # And the same bytes through plain Zarr: the store is standard Zarr v3.
+        raw = zarr.open_array(path / "runs" / "r" / "streams" / stream, mode="r")[:]
+        np.testing.assert_array_equal(raw, want)
+        picked = rng.permutation(n)[: max(1, n // 2)]
+        np.testing.assert_array_equal(
+            reader.trajectories("r", stream, ids=ids[picked], ticks=[len(plan) - 1, 0]),
+            np.moveaxis(want[[len(plan) - 1, 0]][:, picked], 0, 1),
+        )
+
+
+def test_ticks_record_epoch_step_and_wall(ledger):
+    with ledger.run("r") as run:
+        for _ in range(3):
+            run.log([0, 1], loss=[0.1, 0.2])
+            run.log([2], loss=[0.3])
+            run.end_epoch()
+        run.log([0], loss=[1.0])
+        run.end_epoch(epoch=10, step=100)
+    ticks = ledger.ticks("r").to_pydict()
+    assert ticks["tick"] == [0, 1, 2, 3]
+    assert ticks["epoch"] == [0, 1, 2, 10]
+    assert ticks["step"] == [2, 4, 6, 100]
+    assert all(b > a for a, b in zip(ticks["wall"], ticks["wall"][1:]))
+
+
+def test_resume_continues_after_last_committed_tick(ledger):
+    with ledger.run("r", model="mlp", seed=0) as run:
+        run.log([0, 1], loss=[1.0, 2.0])
+        run.end_epoch()
+    with ledger.run("r") as run:
+        assert run.ticks == 1
+        assert run.attrs == {"model": "mlp", "seed": 0}
+        run.log([1, 2], loss=[3.0, 4.0], margin=[0.5, -0.5])
+        assert run.end_epoch() == 1
+    traj = ledger.trajectories("r", ids=[0, 1, 2])
+    np.testing.assert_array_equal(traj, [[1.0, np.nan], [2.0, 3.0], [np.nan, 4.0]])
+    # A stream that starts at tick 1 is NaN before it.
+    np.testing.assert_array_equal(ledger.trajectories("r", "margin", ids=[1, 2]), [[np.nan, 0.5], [np.nan, -0.5]])
+    streams = ledger.streams("r").to_pydict()
+    assert streams["stream"] == ["loss", "margin"] and streams["since"] == [0, 1]
+    assert ledger.ticks("r")["epoch"].to_pylist() == [0, 1]
+
+
+def test_uncommitted_tick_is_discarded_loudly(ledger):
+    run = ledger.run("r")
+    run.log([0], loss=[1.0])
+    run.end_epoch()
+    run.log([1], loss=[2.0])
+    with pytest.warns(LedgerWarning, match="discarded"):
+        run.close()
+    assert ledger.ticks("r").num_rows == 1
+    np.testing.assert_array_equal(ledger.trajectories("r", ids=[0, 1]), [[1.0], [np.nan]])
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("first", [1.0, 5.0]), ("last", [3.0, 6.0]), ("mean", [2.0, 5.5])]
+)
+def test_on_duplicate_policies(ledger, mode, expected):
+    with ledger.run("r", on_duplicate=mode) as run:
+        run.log([0, 1, 0], loss=[1.0, 5.0, 2.0])
+        run.log([0, 1], loss=[3.0, 6.0])
+        run.end_epoch()
+    np.testing.assert_allclose(ledger.trajectories("r", ids=[0, 1])[:, 0], expected)
+
+
+def test_float16_stream_and_integer_and_bool_values(ledger):
+    with ledger.run("r", stream_dtypes={"loss": "float16"}) as run:
+        run.log([0, 1], loss=np.array([0.1, 1000.0]), correct=np.array([True, False]), count=[3, 4])
+        run.end_epoch()
+    loss = ledger.trajectories("r", ids=[0, 1])
+    assert loss.dtype == np.float16
+    np.testing.assert_allclose(loss[:, 0].astype(np.float32), [0.1, 1000.0], rtol=1e-3)
+    np.testing.assert_array_equal(ledger.trajectories("r", "correct", ids=[0, 1])[:, 0], [1.0, 0.0])
+    np.testing.assert_array_equal(ledger.trajectories("r", "count", ids=[0, 1])[:, 0], [3.0, 4.0])
+
+
+class _DLPackOnly:
+    """An object that only speaks DLPack (as a jax array or a CuPy array on the host would)."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, **kwargs):
+        return self._array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+
+class _ArrayLike:
+    def __init__(self, array):
+        self._array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self._array
+
+
+def test_log_accepts_sequences_array_protocol_and_dlpack(ledger):
+    with ledger.run("r") as run:
+        run.log(_ArrayLike(np.array([0, 1])), loss=_DLPackOnly(np.array([0.5, 0.25], np.float32)))
+        run.log((2,), loss=_ArrayLike(np.array([0.125])))
+        run.end_epoch()
+    np.testing.assert_array_equal(ledger.trajectories("r", ids=[0, 1, 2])[:, 0], [0.5, 0.25, 0.125])
+
+
+def test_nonfinite_values_stored_when_allowed(ledger):
+    with ledger.run("r", allow_nonfinite=True) as run:
+        run.log([0, 1], loss=[np.inf, np.nan])
+        run.end_epoch()
+    np.testing.assert_array_equal(ledger.trajectories("r", ids=[0, 1])[:, 0], [np.inf, np.nan])
+
+
+def test_reader_sees_only_committed_ticks(ledger):
+    reader = ll.open(ledger.path)
+    run = ledger.run("r")
+    run.log([0], loss=[1.0])
+    run.end_epoch()
+    run.log([0], loss=[2.0])  # logged, not committed
+    assert reader.ticks("r").num_rows == 1
+    assert reader.trajectories("r").shape == (10, 1)
+    run.end_epoch()
+    assert reader.trajectories("r", ids=[0]).tolist() == [[1.0, 2.0]]
+    run.close()
+
+
+def test_runs_listing_info_and_attrs(ledger):
+    with ledger.run("b-run", lr=0.1):
+        pass
+    with ledger.run("a-run", model="mlp") as run:
+        run.log([0], loss=[1.0], pix=np.zeros((1, 2, 2)))
+        run.end_epoch()
+    assert ledger.runs == ["a-run", "b-run"]
+    attrs = ledger.run_attrs("a-run")
+    assert attrs["model"] == "mlp" and attrs["created"] and attrs["updated"]
+    text = ll.open(ledger.path).info()
+    assert "samples: 10" in text and "a-run: 1 tick(s); streams: loss, pix(2, 2); model=mlp" in text
+    assert "b-run: 0 tick(s)" in text
+
+
+def test_samples_table_with_custom_ids_and_splits(tmp_path):
+    led = ll.create(tmp_path / "s.ll", sample_ids=[30, 10, 20], labels=[1, 0, 1], classes=["neg", "pos"],
+                    splits=["train", "test", "train"])
+    table = ll.open(led.path).samples
+    assert table["sample_id"].to_pylist() == [30, 10, 20]
+    assert table["class"].to_pylist() == ["pos", "neg", "pos"]
+    assert table["split"].to_pylist() == ["train", "test", "train"]
+
+
+def test_overwrite_replaces_a_ledger(ledger):
+    with ledger.run("r") as run:
+        run.log([0], loss=[1.0])
+        run.end_epoch()
+    fresh = ll.create(ledger.path, n_samples=3, overwrite=True)
+    assert fresh.n_samples == 3 and fresh.runs == []
