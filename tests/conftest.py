@@ -14,6 +14,11 @@ def ledger(tmp_path):
     led.close()
 
 
-def store_files(path) -> dict[str, bytes]:
-    """Every file below ``path`` with its bytes (to check that a refused call wrote nothing)."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+@pytest.fixture
+def store_files():
+    """A function: every file below a path with its bytes (to check that a refused call wrote nothing)."""
+
+    def snapshot(path) -> dict[str, bytes]:
+        return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+    return snapshot
