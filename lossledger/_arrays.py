@@ -78,3 +78,17 @@ def as_values(obj: Any, stream: str, n_ids: int) -> np.ndarray:
             "in the same order as the ids"
         )
     return values
+
+
+def tick_positions(ticks: Any, n_ticks: int) -> np.ndarray:
+    """A tick selection (None = all, a slice, or indices; negative from the end) as (k,) int64 positions."""
+    if ticks is None:
+        return np.arange(n_ticks, dtype=np.int64)
+    if isinstance(ticks, slice):
+        return np.arange(n_ticks, dtype=np.int64)[ticks]
+    index = as_ids(ticks)
+    if index.size and (index.min() < -n_ticks or index.max() >= n_ticks):
+        raise ShapeMismatchError(
+            f"ticks {index.tolist()[:5]} out of range: the run has {n_ticks} committed tick(s) (0..{n_ticks - 1})"
+        )
+    return np.where(index < 0, index + n_ticks, index)

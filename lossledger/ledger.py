@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from ._arrays import as_ids
+from ._arrays import as_ids, tick_positions
 from ._commit import ensure_tick_arrays, list_runs, now_iso, read_run_attrs, recover, write_run_attrs
 from ._samples import SampleIndex, Samples, build_samples, read_samples, write_samples
 from ._store import RunLock, StoreIO, json_bytes
@@ -44,7 +44,9 @@ from .format import (
     stream_key,
     ticks_key,
 )
+from ._scoring import compute_scores
 from .run import Run, _Stream
+from .scores import Dt
 
 Mode = Literal["r", "a"]
 
@@ -320,7 +322,7 @@ class Ledger:
                 f"run {run!r} has no committed stream {stream!r}; its streams are {sorted(commit['streams'])}"
             )
         n_ticks = commit["ticks"]
-        tick_index = _tick_index(ticks, n_ticks)
+        tick_index = tick_positions(ticks, n_ticks)
         rows = None if ids is None else self._index.rows(as_ids(ids))
         array = self._io.open_array(stream_key(run, stream))
         element = (slice(None),) * len(commit["streams"][stream]["element_shape"])
@@ -336,6 +338,18 @@ class Ledger:
             out = np.empty((tick_index.size, rows.size, *picked.shape[2:]), dtype=picked.dtype)
             out[:, order] = picked[:, inverse]
         return np.moveaxis(np.asarray(out), 0, 1)
+
+    def scores(self, run: str, stream: str = "loss", *, dt: Dt = "epoch", ticks: Any = None) -> pa.Table:
+        """Per-sample scores of ``stream`` in ``run`` over committed ticks, one row per sample (row order).
+
+        Columns: ``sample_id``, ``label`` (if the ledger has labels), ``action`` (Σ L·Δt), ``variance``,
+        ``mean``, ``first``, ``last``, ``min``, ``max`` (float64, NaN for a sample never observed), ``n_obs``.
+        ``dt``: Δt of a tick is 1 (``"epoch"``), its optimizer steps (``"step"``) or its seconds (``"wall"``).
+        ``ticks``: a window (slice or indices) instead of every committed tick. Definitions:
+        :mod:`lossledger.scores`. Memory: one 64 MB slab plus the result; results over all ticks are cached in
+        the ledger as parquet and recomputed when the run has new commits.
+        """
+        return compute_scores(self._io, self._samples, run, stream, dt, ticks)
 
     def info(self) -> str:
         """A human-readable summary: samples, classes, splits, and each run's ticks and streams."""
@@ -374,19 +388,6 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"<lossledger.Ledger {str(self.path)!r} mode={self.mode!r} samples={self.n_samples}>"
-
-
-def _tick_index(ticks: Any, n_ticks: int) -> np.ndarray:
-    if ticks is None:
-        return np.arange(n_ticks, dtype=np.int64)
-    if isinstance(ticks, slice):
-        return np.arange(n_ticks, dtype=np.int64)[ticks]
-    index = as_ids(ticks)
-    if index.size and (index.min() < -n_ticks or index.max() >= n_ticks):
-        raise ShapeMismatchError(
-            f"ticks {index.tolist()[:5]} out of range: the run has {n_ticks} committed tick(s) (0..{n_ticks - 1})"
-        )
-    return np.where(index < 0, index + n_ticks, index)
 
 
 def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
