@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -29,6 +30,7 @@ from .errors import (
     NotALedgerError,
     ReadOnlyError,
     ShapeMismatchError,
+    UnknownRunError,
     UnknownStreamError,
 )
 from .format import (
@@ -45,6 +47,9 @@ from .format import (
     ticks_key,
 )
 from ._scoring import compute_scores
+from .rankings import top_k
+from .sql import connect as sql_connect
+from .sql import query as sql_query
 from .run import Run, _Stream
 from .scores import Dt
 
@@ -350,6 +355,45 @@ class Ledger:
         the ledger as parquet and recomputed when the run has new commits.
         """
         return compute_scores(self._io, self._samples, run, stream, dt, ticks)
+
+    def top(
+        self,
+        k: int = 10,
+        run: str | None = None,
+        stream: str = "loss",
+        *,
+        by: str = "action",
+        dt: Dt = "epoch",
+        hardest: bool = True,
+        per_class: bool = False,
+        ticks: Any = None,
+    ) -> pa.Table:
+        """The ``k`` hardest (highest ``by``) or easiest samples of ``run``, overall or ``k`` per class.
+
+        ``run`` may be omitted when the ledger has one run. Returns ``rank``, ``sample_id``, ``label``,
+        ``class`` (when known) and the score columns of :meth:`scores`; never-observed samples are not ranked.
+        """
+        table = self.scores(self._only_run(run), stream, dt=dt, ticks=ticks)
+        return top_k(table, self.samples, k, by=by, hardest=hardest, per_class=per_class)
+
+    def sql(self, query: str) -> pa.Table:
+        """Run a DuckDB SQL query over the views ``samples``, ``runs``, ``ticks``, ``scores``, ``losses``.
+
+        See :mod:`lossledger.sql` (and docs/sql.md) for the columns. Returns a ``pyarrow.Table``.
+        """
+        return sql_query(self, query)
+
+    def duckdb(self) -> duckdb.DuckDBPyConnection:
+        """A new DuckDB connection with the ledger's views registered, for power users (close it when done)."""
+        return sql_connect(self)
+
+    def _only_run(self, run: str | None) -> str:
+        if run is not None:
+            return run
+        runs = self.runs
+        if len(runs) != 1:
+            raise UnknownRunError(f"the ledger has {len(runs)} runs {runs}; name one with run=...")
+        return runs[0]
 
     def info(self) -> str:
         """A human-readable summary: samples, classes, splits, and each run's ticks and streams."""
