@@ -25,7 +25,7 @@ from ._samples import Samples
 from ._store import StoreIO
 from .errors import ShapeMismatchError, UnknownStreamError
 from .format import stream_key, ticks_key
-from .scores import DT_MODES, block_table, score_blocks, scores_schema, tick_durations
+from .scores import DT_MODES, block_table, null_to_nan, score_blocks, scores_schema, tick_durations
 
 _CACHE_VERSION = 1
 
@@ -37,7 +37,14 @@ def cache_path(root: Path, run: str, stream: str, dt: str) -> Path:
 def compute_scores(
     io: StoreIO, samples: Samples, run: str, stream: str, dt: str, ticks: Any, *, use_cache: bool = True
 ) -> pa.Table:
-    """Scores of ``stream`` in ``run`` (see :mod:`lossledger.scores`), one row per sample in row order."""
+    """Scores of ``stream`` in ``run`` (see :mod:`lossledger.scores`), one row per sample in row order, NaN missing."""
+    return null_to_nan(stored_scores(io, samples, run, stream, dt, ticks, use_cache=use_cache))
+
+
+def stored_scores(
+    io: StoreIO, samples: Samples, run: str, stream: str, dt: str, ticks: Any, *, use_cache: bool = True
+) -> pa.Table:
+    """Like :func:`compute_scores`, with missing scores as null, as the cache stores them."""
     if dt not in DT_MODES:
         raise ShapeMismatchError(f"dt must be one of {list(DT_MODES)} (Δt per tick), got {dt!r}")
     commit = read_run_attrs(io, run)["commit"]

@@ -6,7 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+import json
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from . import __version__
+from ._render import render_csv, render_text
 from .errors import LedgerError
 from .ledger import open as open_ledger
 
@@ -14,6 +21,41 @@ from .ledger import open as open_ledger
 def _info(args: argparse.Namespace) -> int:
     print(open_ledger(args.path).info())
     return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    table = open_ledger(args.path).top(
+        args.k, args.run, args.stream, by=args.by, dt=args.dt, hardest=not args.easiest, per_class=args.per_class
+    )
+    return _emit(table, args)
+
+
+def _sql(args: argparse.Namespace) -> int:
+    return _emit(open_ledger(args.path).sql(args.query), args)
+
+
+def _emit(table: pa.Table, args: argparse.Namespace) -> int:
+    if args.format == "parquet":
+        pq.write_table(table, args.output)
+        return 0
+    out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        if args.format == "csv":
+            out.write(render_csv(table))
+        elif args.format == "json":
+            out.write(json.dumps(table.to_pylist(), default=str, allow_nan=True) + "\n")
+        else:
+            out.write(render_text(table) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
+                        help="output format (default: a human-readable table)")
+    parser.add_argument("-o", "--output", help="write to this file instead of standard output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="summarize a ledger: samples, classes, runs, ticks, streams")
     info.add_argument("path", help="the ledger folder")
     info.set_defaults(handler=_info)
+
+    top = commands.add_parser("top", help="the hardest (or easiest) samples of a run by a score")
+    top.add_argument("path", help="the ledger folder")
+    top.add_argument("--run", help="the run (may be omitted when the ledger has one run)")
+    top.add_argument("--stream", default="loss", help="the stream to score (default: loss)")
+    top.add_argument("-k", type=int, default=20, help="how many samples (per class with --per-class); default 20")
+    top.add_argument("--by", default="action", help="score column to rank by (default: action)")
+    top.add_argument("--dt", choices=["epoch", "step", "wall"], default="epoch", help="Δt of a tick (default: epoch)")
+    top.add_argument("--easiest", action="store_true", help="lowest scores first")
+    top.add_argument("--per-class", action="store_true", help="k samples per class")
+    _add_output(top)
+    top.set_defaults(handler=_top)
+
+    sql = commands.add_parser("sql", help="run a DuckDB query over the views samples, runs, ticks, scores, losses")
+    sql.add_argument("path", help="the ledger folder")
+    sql.add_argument("query", help="the SQL query, e.g. \"SELECT class, avg(action) FROM scores JOIN samples USING "
+                     "(sample_id) GROUP BY class\"")
+    _add_output(sql)
+    sql.set_defaults(handler=_sql)
     return parser
 
 
@@ -35,10 +96,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "format", None) == "parquet" and not args.output:
+        parser.error("--format parquet needs --output FILE")
     try:
         return int(args.handler(args))
     except LedgerError as err:
         print(f"lossledger {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except duckdb.Error as err:
+        print(f"lossledger {args.command}: SQL error: {err}", file=sys.stderr)
         return 1
 
 

@@ -21,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ._scan import Slab, scan
 
@@ -135,6 +136,15 @@ def block_table(
     columns = [pa.array(sample_id, pa.int64())]
     if label is not None:
         columns.append(pa.array(label, pa.int32()))
-    columns += [pa.array(stats[name], pa.float64()) for name in SCORE_COLUMNS]
+    # Missing is stored as null: parquet statistics ignore NaN, and DuckDB then folds isnan() to false.
+    columns += [pa.array(stats[name], pa.float64(), from_pandas=True) for name in SCORE_COLUMNS]
     columns.append(pa.array(stats["n_obs"], pa.int64()))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def null_to_nan(table: pa.Table) -> pa.Table:
+    """Score columns with missing as NaN (the Python API's convention) instead of null (the storage's)."""
+    for name in SCORE_COLUMNS:
+        index = table.column_names.index(name)
+        table = table.set_column(index, name, pc.fill_null(table[name], float("nan")))
+    return table

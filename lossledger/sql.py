@@ -27,9 +27,9 @@ import pyarrow as pa
 
 from ._commit import list_runs, read_run_attrs
 from ._scan import scan
-from ._scoring import cache_path
+from ._scoring import cache_path, stored_scores
 from .format import stream_key
-from .scores import DT_MODES, SCORE_COLUMNS
+from .scores import DT_MODES
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -166,7 +166,7 @@ def _register_scores(con: duckdb.DuckDBPyConnection, ledger: Ledger) -> None:
     for run in ledger.runs:
         for stream in read_run_attrs(ledger._io, run)["commit"]["streams"]:
             for dt in DT_MODES:
-                table = ledger.scores(run, stream, dt=dt)
+                table = stored_scores(ledger._io, ledger._samples, run, stream, dt, None)
                 path = cache_path(ledger.path, run, stream, dt)
                 name = f"_scores_{len(parts)}"
                 if path.exists():
@@ -176,7 +176,7 @@ def _register_scores(con: duckdb.DuckDBPyConnection, ledger: Ledger) -> None:
                     source = name
                 parts.append(
                     f"SELECT '{_sql_string(run)}' AS run, '{stream}' AS stream, '{dt}' AS dt, "
-                    f"* REPLACE ({_NAN_TO_NULL}) FROM {source}"
+                    f"* FROM {source}"
                 )
     if parts:
         con.execute("CREATE VIEW scores AS " + " UNION ALL BY NAME ".join(parts))
@@ -187,10 +187,6 @@ def _register_scores(con: duckdb.DuckDBPyConnection, ledger: Ledger) -> None:
             "NULL::DOUBLE AS mean, NULL::DOUBLE AS first, NULL::DOUBLE AS last, NULL::DOUBLE AS min, "
             "NULL::DOUBLE AS max, NULL::BIGINT AS n_obs WHERE false"
         )
-
-
-# NaN (never observed) becomes NULL in SQL, so that aggregates skip it instead of returning NaN.
-_NAN_TO_NULL = ", ".join(f"nullif(\"{c}\", 'NaN'::DOUBLE) AS \"{c}\"" for c in SCORE_COLUMNS)
 
 
 def _sql_string(text: str) -> str:

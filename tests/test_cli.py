@@ -35,3 +35,30 @@ def test_errors_exit_1_with_a_message(tmp_path):
 def test_no_command_prints_help():
     out = run_cli()
     assert out.returncode == 2 and "info" in out.stdout
+
+
+def test_top_and_sql_formats(ledger, tmp_path):
+    with ledger.run("r") as run:
+        run.log([0, 1, 2], loss=[1.0, 3.0, 2.0])
+        run.end_epoch()
+    out = run_cli("top", str(ledger.path), "-k", "2")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:4] == ["rank", "sample_id", "label", "class"]
+    assert lines[2].split()[:2] == ["1", "1"] and lines[3].split()[:2] == ["2", "2"] and lines[-1] == "(2 rows)"
+    out = run_cli("top", str(ledger.path), "-k", "1", "--easiest", "--format", "csv")
+    assert out.stdout.splitlines()[1].startswith("1,0,0,")
+    target = tmp_path / "top.parquet"
+    assert run_cli("top", str(ledger.path), "--format", "parquet", "-o", str(target)).returncode == 0
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(target).num_rows == 3
+    out = run_cli("sql", str(ledger.path), "SELECT count(*) AS n FROM losses", "--format", "json")
+    assert out.returncode == 0 and out.stdout.strip() == '[{"n": 3}]'
+
+
+def test_sql_errors_exit_1(ledger):
+    out = run_cli("sql", str(ledger.path), "SELECT nope FROM samples")
+    assert out.returncode == 1 and "SQL error" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("top", str(ledger.path), "--format", "parquet")
+    assert out.returncode == 2 and "--output" in out.stderr
