@@ -13,6 +13,7 @@ import asyncio
 import fcntl
 import json
 import os
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,13 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from .errors import CorruptLedgerError, RunLockedError
+from .errors import CorruptLedgerError, ReadOnlyError, RunLockedError
 
 _PROTO = default_buffer_prototype()
 
 #: Codec of every stream and tick array: blosc/lz4 with byte shuffle. lz4 keeps a commit close to the
 #: speed of a raw write; shuffle groups the exponent bytes of float32 losses, which is where they compress.
-DEFAULT_COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+DEFAULT_COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")
 
 
 class StoreIO:
@@ -64,13 +65,27 @@ class StoreIO:
 
     # --- raw keys -------------------------------------------------------------------------------------
     def put_many(self, items: Mapping[str, bytes]) -> None:
-        """Write every key concurrently; each key is replaced atomically on its own."""
+        """Write every key; each is replaced atomically on its own (temp file + rename, as Zarr's LocalStore).
 
-        async def put_all() -> None:
-            await asyncio.gather(*(self.store.set(k, _PROTO.buffer.from_bytes(v)) for k, v in items.items()))
-
-        if items:
-            sync(put_all())
+        Written here with plain file calls, one after another: for the dozen small files of a commit this is
+        several times faster than a round trip through Zarr's event loop and thread pool per key.
+        """
+        if self.read_only:
+            raise ReadOnlyError(f"{self.root} is open read-only")
+        made: set[Path] = set()
+        for key, data in items.items():
+            path = self.root / key
+            if path.parent not in made:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                made.add(path.parent)
+            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
 
     def delete_many(self, keys: Iterable[str]) -> None:
         async def delete_all(ks: list[str]) -> None:
