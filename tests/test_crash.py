@@ -5,12 +5,16 @@ function of (tick, sample id, stream); the parent kills it at a random moment (b
 between ticks, mid-log or mid-commit), then checks with a read-only ledger that every tick the writer
 reported as committed is there, bit-exact, with NaN exactly where nothing was logged. The next trial's
 writer resumes the same run, so ticks accumulate over trials and every resume runs the recovery.
+
+Also: one writer per run (a second process or object gets RunLockedError; a SIGKILLed holder's lock is
+freed by the OS), and two known gaps of the recovery, as strict xfails with deterministic kill points.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr.errors
 
 import lossledger as ll
 from lossledger.errors import LedgerWarning, RunLockedError
@@ -70,14 +75,32 @@ import lossledger.format
 # Tiny chunks (2 to 16 samples), so that a commit writes many files and a kill can land between them.
 lossledger.format.CHUNK_TARGET_BYTES = 64
 
-path, max_new = Path(sys.argv[1]), int(sys.argv[2])
+path, max_new, kill_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+if kill_at:
+    # SIGKILL this process at the |kill_at|-th file replacement (every store write is temp file + os.replace):
+    # just before it (kill_at < 0: the temp file is left behind) or just after it (kill_at > 0).
+    import os
+    import signal
+
+    _replace, _count = os.replace, [0]
+
+    def replace(src, dst, *args, **kwargs):
+        _count[0] += 1
+        if _count[0] == -kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        _replace(src, dst, *args, **kwargs)
+        if _count[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.replace = replace
+
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     ledger = ll.open(path, mode="a") if path.exists() else ll.create(path, sample_ids=IDS)
     run = ledger.run("r")
 warnings.simplefilter("ignore")  # ticks with nothing logged warn
 recovered = sum(issubclass(w.category, ll.LedgerWarning) and "leftover" in str(w.message) for w in caught)
-partials = len(list(path.rglob("*.partial")))
+partials = len(list((path / "runs" / "r").rglob("*.partial")))
 start = run.ticks
 print("start", start, recovered, partials, flush=True)
 for t in range(start, start + max_new):
@@ -125,7 +148,7 @@ else:
 shared: dict = {}
 exec(COMMON, shared)  # noqa: S102 - the same plan the writer runs
 N, IDS, PIX_SHAPE = shared["N"], shared["IDS"], shared["PIX_SHAPE"]
-plan, loss_value, pix_value = shared["plan"], shared["loss_value"], shared["pix_value"]
+plan = shared["plan"]
 
 TICK_COLUMNS = ("epoch", "step", "wall")
 N_TRIALS = 24
@@ -259,33 +282,43 @@ def leftovers(path: Path) -> list[str]:
     return out
 
 
+def stray_partials(path: Path) -> list[str]:
+    """``*.partial`` temp files outside run "r" (see test_resume_removes_partial_files_outside_the_run)."""
+    found = [str(p.relative_to(path)) for p in path.rglob("*.partial") if "r" not in p.relative_to(path).parts[1:2]]
+    assert all(re.fullmatch(r"(runs/)?zarr\.json\.[0-9a-f]{32}\.partial|(runs/)?zarr\.[0-9a-f]{32}\.partial", f)
+               for f in found), found
+    return found
+
+
 def test_sigkill_at_random_moments_never_loses_or_corrupts_committed_ticks(tmp_path):
     path = tmp_path / "crash.ll"
     rng = np.random.default_rng(20240611)
     committed = 0  # ticks committed so far, as read back after the last kill
     garbage: list[str] = []  # leftovers of the last killed writer
-    stats = {"killed": 0, "recovered": 0, "unprinted_commit": 0, "before_start": 0}
+    stats = dict.fromkeys(["killed", "recovered", "unprinted_commit", "before_start", "partial_left"], 0)
     for trial in range(N_TRIALS):
-        proc, out = start(WRITER, path, 12)
+        # How the writer dies: "launch" a random time after launch (in import, open, recovery or a tick);
+        # "ticks" a random short time after its k-th committed tick (mid-log or mid-commit); "write" by its own
+        # hand at its k-th file write. Trial 0 waits for the run to exist (see test_reader_of_a_run_killed...).
+        mode = "ticks" if trial == 0 else str(rng.choice(["launch", "ticks", "write"], p=[0.25, 0.45, 0.3]))
+        kill_at = int(rng.integers(1, 80)) * int(rng.choice([-1, 1])) if mode == "write" else 0
+        proc, out = start(WRITER, path, 12, kill_at)
         started = None
         printed: list[int] = []
-        if trial == 0 or rng.random() < 0.3:
-            time.sleep(rng.uniform(0.0, 1.0))  # from launch: may land in import, open, recovery or a tick
-        else:
+        if mode == "launch":
+            time.sleep(rng.uniform(0.0, 1.0))
+        elif mode == "ticks":
             wait_ticks = int(rng.integers(0, 6))
-            while len(printed) < wait_ticks:
+            while started is None or len(printed) < wait_ticks:
                 line = out.next()
                 assert line is not None, proc.communicate()[1].decode()
                 if line.startswith("start"):
                     started = [int(x) for x in line.split()[1:]]
                 else:
                     printed.append(int(line.split()[1]))
-            if wait_ticks == 0:  # wait for "start": the kill lands in the first tick
-                line = out.next()
-                assert line is not None and line.startswith("start"), proc.communicate()[1].decode()
-                started = [int(x) for x in line.split()[1:]]
             time.sleep(rng.choice([0.0, rng.uniform(0.0, 0.003), rng.uniform(0.0, 0.03)]))
-        proc.send_signal(signal.SIGKILL)
+        if mode != "write":
+            proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         stderr = proc.stderr.read().decode()
         proc.stderr.close()
@@ -310,7 +343,7 @@ def test_sigkill_at_random_moments_never_loses_or_corrupts_committed_ticks(tmp_p
             # The writer continues right after the last committed tick; its resume removed what the
             # previous killed writer left (with one LedgerWarning), and warned only if there was something.
             assert first == committed, (trial, first, committed)
-            assert partials == 0
+            assert partials == 0, trial
             assert recovered == (1 if garbage else 0), (trial, recovered, garbage)
             stats["recovered"] += recovered
             assert printed == list(range(first, first + len(printed))), printed
@@ -319,6 +352,8 @@ def test_sigkill_at_random_moments_never_loses_or_corrupts_committed_ticks(tmp_p
             stats["unprinted_commit"] += n == first + len(printed) + 1
         committed = n
         garbage = leftovers(path)
+        stats["partial_left"] += any(g.endswith(".partial") for g in garbage)
+        stray_partials(path)
 
         if trial % 4 == 3 and committed:
             # Resume in this process too: leftovers are removed loudly, exactly when there are some.
@@ -328,7 +363,6 @@ def test_sigkill_at_random_moments_never_loses_or_corrupts_committed_ticks(tmp_p
                     run = ledger.run("r")
                     assert run.ticks == committed
                     assert leftovers(path) == []
-                    assert not list(path.rglob("*.partial"))
             assert [issubclass(w.category, LedgerWarning) for w in caught] == ([True] if garbage else []), [
                 str(w.message) for w in caught
             ]
@@ -336,7 +370,6 @@ def test_sigkill_at_random_moments_never_loses_or_corrupts_committed_ticks(tmp_p
             stats["recovered"] += bool(garbage)
             garbage = []
 
-    print(stats, committed)
     # The trials did reach the interesting states: kills, many ticks, and resumes that cleaned up.
     assert stats["killed"] >= N_TRIALS // 2, stats
     assert committed >= 30, (committed, stats)
@@ -388,3 +421,63 @@ def test_second_writer_is_locked_out_until_the_holder_is_killed(tmp_path):
     want = np.array([[1.5, np.nan, np.nan], [2.5, np.nan, np.nan], [np.nan, 3.5, np.nan], [np.nan, np.nan, 4.5]])
     np.testing.assert_array_equal(got, want.astype(np.float32))
     ledger.close()
+
+
+# A writer that SIGKILLs itself at a chosen point: when Zarr is about to move a parent group's temp file into
+# place (creating an array writes the parent groups' zarr.json "if not exists": root, runs/, runs/r/, ...),
+# or just before ledger.run() creates the new run's ticks/ arrays.
+KILLED_WRITER = r'''
+import os, signal, sys
+import zarr.storage._local as zlocal
+import lossledger as ll
+import lossledger.ledger
+
+def kill(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if sys.argv[2] == "root-group":
+    move = zlocal._safe_move
+    zlocal._safe_move = lambda src, dst: kill() if dst.parent == zlocal.Path(sys.argv[1]) else move(src, dst)
+else:
+    lossledger.ledger.ensure_tick_arrays = kill
+run = ll.open(sys.argv[1], mode="a").run("r")
+run.log([0], loss=[1.0])
+run.end_epoch()
+'''
+
+
+def run_killed_writer(path: Path, where: str) -> None:
+    ll.create(path, n_samples=3).close()
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), where], capture_output=True, timeout=60)
+    if proc.returncode != -signal.SIGKILL:  # pytest.fail, not assert: the xfails below expect other errors
+        pytest.fail(f"the writer was not killed where planned: {proc.stderr.decode()}")
+
+
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="library bug: recover() removes *.partial files only below runs/<run>/, but a writer killed while "
+    "Zarr creates an array can leave one at the ledger root or in runs/; remove this marker once fixed",
+)
+def test_resume_removes_partial_files_outside_the_run(tmp_path):
+    path = tmp_path / "stray.ll"
+    run_killed_writer(path, "root-group")
+    if [p.name.endswith(".partial") for p in path.iterdir()].count(True) != 1:
+        pytest.fail("the killed writer left no temp file at the ledger root")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LedgerWarning)  # it may also clean temp files below runs/r/: legitimate
+        with ll.open(path, mode="a").run("r") as run:  # the resume
+            assert run.ticks == 0
+    assert stray_partials(path) == []
+
+
+@pytest.mark.xfail(
+    strict=True, raises=zarr.errors.ArrayNotFoundError,
+    reason="library bug: a run whose creation was killed after its zarr.json but before its ticks/ arrays is "
+    "listed, but Ledger.ticks() raises Zarr's ArrayNotFoundError; remove this marker once fixed",
+)
+def test_reader_of_a_run_killed_during_creation(tmp_path):
+    path = tmp_path / "half.ll"
+    run_killed_writer(path, "ticks-arrays")
+    ledger = ll.open(path)
+    assert ledger.runs == ["r"]
+    assert ledger.ticks("r").num_rows == 0
