@@ -64,6 +64,8 @@ def recover(io: StoreIO, run: str, committed: int, streams: dict[str, Any]) -> i
     and resets every array's shape to ``committed`` ticks.
     """
     removed = io.remove_partial_files(run_key(run))
+    # Zarr creates missing parent groups through temp files too: a kill then can leave them one level up.
+    removed += io.remove_partial_files("", recursive=False) + io.remove_partial_files("runs", recursive=False)
     streams_dir = f"{run_key(run)}/streams"
     for name in io.list_dir(streams_dir):
         if name == "zarr.json":  # the implicit group Zarr made when the first stream array was created

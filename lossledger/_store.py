@@ -109,14 +109,15 @@ class StoreIO:
     def exists(self, key: str) -> bool:
         return bool(sync(self.store.exists(key)))
 
-    def remove_partial_files(self, prefix: str) -> int:
+    def remove_partial_files(self, prefix: str, *, recursive: bool = True) -> int:
         """Delete ``*.partial`` temp files a killed writer left below ``prefix``; return how many."""
+        folder = self.root / prefix
+        paths = folder.rglob("*.partial") if recursive else folder.glob("*.partial")
         removed = 0
-        for dirpath, _, files in os.walk(self.root / prefix):
-            for name in files:
-                if name.endswith(".partial"):
-                    Path(dirpath, name).unlink(missing_ok=True)
-                    removed += 1
+        for path in list(paths):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed += 1
         return removed
 
     # --- arrays ---------------------------------------------------------------------------------------

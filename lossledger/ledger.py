@@ -309,8 +309,10 @@ class Ledger:
         """Committed ticks of ``run``: ``tick``, ``epoch``, ``step`` (optimizer steps so far), ``wall`` (seconds)."""
         n = read_run_attrs(self._io, run)["commit"]["ticks"]
         columns: dict[str, Any] = {"tick": pa.array(np.arange(n, dtype=np.int64))}
-        for column in TICK_COLUMNS:
-            columns[column] = pa.array(np.asarray(self._io.open_array(ticks_key(run, column))[:n]))
+        for column, (dtype, _) in TICK_COLUMNS.items():
+            # A run killed while being created has no tick arrays yet: with 0 commits there is nothing to read.
+            values = np.asarray(self._io.open_array(ticks_key(run, column))[:n]) if n else np.zeros(0, dtype)
+            columns[column] = pa.array(values)
         return pa.table(columns)
 
     def trajectories(
