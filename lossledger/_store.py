@@ -1,8 +1,9 @@
 """Store I/O: JSON documents, encoded chunks and the run writer's lock, on a Zarr v3 store.
 
-Writes go through the Zarr store API (atomic per key on LocalStore: temp file + rename), but chunks are
-encoded here rather than through ``zarr.Array.__setitem__``: a tick is always whole chunks, so there is
-nothing to read back, and skipping Zarr's per-call machinery makes a commit about 2x faster. The bytes
+Reads go through Zarr. A commit's files are written here with plain temp file + rename (atomic per key, as
+Zarr's LocalStore does it), and its chunks are encoded here rather than through ``zarr.Array.__setitem__``:
+a tick is always whole chunks, so there is nothing to read back, and skipping Zarr's per-call machinery makes
+a commit about 2x faster. The bytes
 are exactly what Zarr's own pipeline (``bytes`` little-endian, then ``blosc``) writes, so any Zarr v3
 reader reads them.
 """

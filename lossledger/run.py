@@ -160,7 +160,8 @@ class Run:
         for name, buffer in self._buffers.items():
             items.update(self._encode_tick(self._streams[name], buffer, tick))
         for stream in self._streams.values():
-            self._grow(stream, tick + 1)
+            assert stream.meta is not None  # created by _encode_tick at the stream's first commit
+            stream.meta["shape"][0] = tick + 1
             items[f"{stream_key(self.name, stream.name)}/zarr.json"] = json_bytes(stream.meta)
         items.update(self._encode_tick_row(row, tick))
         self._io.put_many(items)
@@ -314,10 +315,6 @@ class Run:
             block = values[lo : lo + stream.per_chunk]
             out[f"{base}/c/{tick}/{chunk}{suffix}"] = encoder.encode(block[None])
         return out
-
-    def _grow(self, stream: _Stream, n_ticks: int) -> None:
-        assert stream.meta is not None
-        stream.meta["shape"][0] = n_ticks
 
     def _encode_tick_row(self, row: dict[str, Any], tick: int) -> dict[str, bytes]:
         chunk = tick // TICKS_CHUNK
