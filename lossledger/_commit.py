@@ -2,10 +2,15 @@
 
 A run's group ``zarr.json`` holds the commit record ``attributes["commit"]``::
 
-    {"ticks": T, "streams": {name: {"dtype": "float32", "element_shape": [...], "since": tick}}, "updated": ISO}
+    {"ticks": T, "streams": {name: {"dtype": "float32", "element_shape": [...], "since": tick}},
+     "pending_ticks": {"epoch": [...], "step": [...], "wall": [...]}, "updated": ISO}
 
-A tick is committed by (1) writing its chunks, the grown array metadata and the tick row, then (2)
-replacing the run's ``zarr.json`` with ``ticks = T + 1``. Step (2) is one atomic key replacement, so a
+``pending_ticks`` holds the rows of the last ticks, not yet written to the ``ticks/`` arrays (the writer
+writes them every ``TICKS_FLUSH`` commits and when it closes).
+
+A tick is committed by (1) writing its chunks and, when an array's capacity (its ``shape[0]``, grown by
+doubling) is reached, the grown array metadata, then (2) replacing the run's ``zarr.json`` with
+``ticks = T + 1`` and the tick's row. Step (2) is one atomic key replacement, so a
 reader that reads the commit record first and then only ticks ``< T`` never sees a partial tick, and a
 writer killed at any point leaves either T or T + 1 committed ticks. Whatever lies at ticks ``>= T`` (or in
 streams the record does not list) is garbage from a killed writer; :func:`recover` removes it before a
@@ -17,6 +22,8 @@ from __future__ import annotations
 import datetime as _dt
 import warnings
 from typing import Any
+
+import numpy as np
 
 from ._store import StoreIO
 from .errors import CorruptLedgerError, LedgerWarning, UnknownRunError
@@ -50,6 +57,23 @@ def list_runs(io: StoreIO) -> list[str]:
     return [name for name in io.list_dir("runs") if io.exists(f"{run_key(name)}/zarr.json")]
 
 
+def read_ticks(io: StoreIO, run: str, commit: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The committed tick rows of ``run``, (T,) per column of ``TICK_COLUMNS``: the ``ticks/`` arrays, then
+    the rows still pending in the commit record. Memory O(T)."""
+    n = commit["ticks"]
+    pending = commit.get("pending_ticks", {})
+    out = {}
+    for column, (dtype, _) in TICK_COLUMNS.items():
+        tail = np.asarray(pending.get(column, []), dtype=dtype)
+        flushed = n - tail.size
+        if tail.ndim != 1 or flushed < 0:
+            raise CorruptLedgerError(f"run {run!r} in {io.root} has a bad commit record (pending_ticks); the ledger is damaged")
+        # A run killed while being created has no tick arrays yet: with nothing flushed there is nothing to read.
+        head = np.asarray(io.open_array(ticks_key(run, column))[:flushed]) if flushed else np.zeros(0, dtype)
+        out[column] = np.concatenate([head, tail])
+    return out
+
+
 def ensure_tick_arrays(io: StoreIO, run: str) -> None:
     """Create the run's ``ticks/`` arrays if missing (a writer killed while creating the run leaves none)."""
     for column, (dtype, fill) in TICK_COLUMNS.items():
@@ -57,12 +81,14 @@ def ensure_tick_arrays(io: StoreIO, run: str) -> None:
             io.create_array(ticks_key(run, column), shape=(0,), chunks=(TICKS_CHUNK,), dtype=dtype, fill_value=fill)
 
 
-def recover(io: StoreIO, run: str, committed: int, streams: dict[str, Any]) -> int:
+def recover(io: StoreIO, run: str, commit: dict[str, Any]) -> int:
     """Remove what a killed writer left past the commit record; return how many objects were removed.
 
-    Call after :func:`ensure_tick_arrays`. Deletes ``*.partial`` temp files, streams the record does not list, chunks at ticks ``>= committed``,
-    and resets every array's shape to ``committed`` ticks.
+    Call after :func:`ensure_tick_arrays`. Deletes ``*.partial`` temp files, streams the record does not
+    list, and chunks at ticks ``>= committed``. Array shapes are capacities (at least ``committed``) and stay.
     """
+    committed, streams = commit["ticks"], commit["streams"]
+    flushed = committed - len(commit.get("pending_ticks", {}).get("epoch", []))
     removed = io.remove_partial_files(run_key(run))
     # Zarr creates missing parent groups through temp files too: a kill then can leave them one level up.
     removed += io.remove_partial_files("", recursive=False) + io.remove_partial_files("runs", recursive=False)
@@ -78,14 +104,14 @@ def recover(io: StoreIO, run: str, committed: int, streams: dict[str, Any]) -> i
             if tick.isdigit() and int(tick) >= committed:
                 io.delete_dir(f"{stream_key(run, name)}/c/{tick}")
                 removed += 1
-    for key in [stream_key(run, name) for name in streams] + [ticks_key(run, c) for c in TICK_COLUMNS]:
+    needed = {stream_key(run, name): committed for name in streams}
+    needed.update({ticks_key(run, column): flushed for column in TICK_COLUMNS})
+    for key, n in needed.items():
         meta = io.get_json(f"{key}/zarr.json")
         if meta is None:
             raise CorruptLedgerError(f"array {key} listed in the commit record is missing; the ledger is damaged")
-        if meta["shape"][0] != committed:
-            meta["shape"][0] = committed
-            io.put_json(f"{key}/zarr.json", meta)
-            removed += 1
+        if meta["shape"][0] < n:
+            raise CorruptLedgerError(f"array {key} holds {meta['shape'][0]} ticks, not {n}; the ledger is damaged")
     if removed:
         warnings.warn(
             f"run {run!r}: removed {removed} leftover object(s) of an uncommitted tick (a writer stopped before "

@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._arrays import tick_positions
-from ._commit import read_run_attrs
+from ._commit import read_run_attrs, read_ticks
 from ._samples import Samples
 from ._store import StoreIO
 from .errors import ShapeMismatchError, UnknownStreamError
-from .format import stream_key, ticks_key
+from .format import stream_key
 from .scores import DT_MODES, block_table, null_to_nan, score_blocks, scores_schema, tick_durations
 
 _CACHE_VERSION = 1
@@ -61,9 +61,8 @@ def stored_scores(
         if cached is not None:
             return cached
     tick_index = np.unique(tick_positions(ticks, n_ticks))  # a window counts each tick once
-    step = np.asarray(io.open_array(ticks_key(run, "step"))[:n_ticks])
-    wall = np.asarray(io.open_array(ticks_key(run, "wall"))[:n_ticks])
-    dts = tick_durations(dt, step, wall)[tick_index] if n_ticks else np.zeros(0)
+    rows = read_ticks(io, run, commit)
+    dts = tick_durations(dt, rows["step"], rows["wall"])[tick_index] if n_ticks else np.zeros(0)
     array = io.open_array(stream_key(run, stream))
     schema = scores_schema(samples.label is not None)
     batches = _batches(array, tick_index, dts, samples, schema)

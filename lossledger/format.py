@@ -32,8 +32,11 @@ STREAM_DTYPES: tuple[str, ...] = ("float32", "float16")
 #: Uncompressed bytes aimed for in one chunk of a stream: large enough that a tick of a million
 #: scalar samples is a handful of files, small enough that reading a few samples stays cheap.
 CHUNK_TARGET_BYTES = 1 << 20
-#: Ticks per chunk of the small ``ticks/`` arrays (rewritten whole by the single writer at each commit).
+#: Ticks per chunk of the small ``ticks/`` arrays (rewritten whole by the run's single writer).
 TICKS_CHUNK = 4096
+#: The ``ticks/`` arrays are written every this many commits and when the writer closes; newer rows are held
+#: in the commit record (``pending_ticks``), which saves a commit three small files.
+TICKS_FLUSH = 64
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _STREAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")

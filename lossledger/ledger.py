@@ -16,14 +16,13 @@ import numpy as np
 import pyarrow as pa
 
 from ._arrays import as_ids, tick_positions
-from ._commit import ensure_tick_arrays, list_runs, now_iso, read_run_attrs, recover, write_run_attrs
+from ._commit import ensure_tick_arrays, list_runs, now_iso, read_run_attrs, read_ticks, recover, write_run_attrs
 from ._samples import SampleIndex, Samples, build_samples, read_samples, write_samples
 from ._store import RunLock, StoreIO, json_bytes
 from .errors import (
     CorruptLedgerError,
     FormatVersionError,
     InvalidDTypeError,
-    InvalidNameError,
     LedgerExistsError,
     LedgerNotFoundError,
     LedgerWarning,
@@ -251,7 +250,7 @@ class Ledger:
             commit = run_attrs["commit"]
             if commit["ticks"] == 0:
                 ensure_tick_arrays(io, name)
-            recover(io, name, commit["ticks"], commit["streams"])
+            recover(io, name, commit)
             changed = {k: v for k, v in attrs.items() if k in run_attrs["attrs"] and run_attrs["attrs"][k] != v}
             if changed:
                 warnings.warn(
@@ -271,9 +270,9 @@ class Ledger:
             # The group metadata goes first: Zarr would otherwise make an attribute-less group for the arrays.
             write_run_attrs(io, name, run_attrs)
             ensure_tick_arrays(io, name)
-        n_ticks = run_attrs["commit"]["ticks"]
         tick_meta = {c: _require(io.get_json(f"{ticks_key(name, c)}/zarr.json"), ticks_key(name, c)) for c in TICK_COLUMNS}
-        ticks = {c: np.asarray(io.open_array(ticks_key(name, c))[:n_ticks]) for c in TICK_COLUMNS}
+        ticks = read_ticks(io, name, run_attrs["commit"])
+        flushed = run_attrs["commit"]["ticks"] - len(run_attrs["commit"].get("pending_ticks", {}).get("epoch", []))
         streams = {}
         for stream, record in run_attrs["commit"]["streams"].items():
             meta = _require(io.get_json(f"{stream_key(name, stream)}/zarr.json"), stream_key(name, stream))
@@ -282,7 +281,7 @@ class Ledger:
                 per_chunk=int(meta["chunk_grid"]["configuration"]["chunk_shape"][1]), meta=meta,
             )
         return Run(
-            io=io, name=name, index=self._index, lock=lock, attrs=run_attrs, ticks=ticks,
+            io=io, name=name, index=self._index, lock=lock, attrs=run_attrs, ticks=ticks, flushed=flushed,
             tick_meta=tick_meta, streams=streams, on_duplicate=on_duplicate, allow_nonfinite=allow_nonfinite,
             stream_dtypes=dtypes,
         )
@@ -307,12 +306,9 @@ class Ledger:
 
     def ticks(self, run: str) -> pa.Table:
         """Committed ticks of ``run``: ``tick``, ``epoch``, ``step`` (optimizer steps so far), ``wall`` (seconds)."""
-        n = read_run_attrs(self._io, run)["commit"]["ticks"]
-        columns: dict[str, Any] = {"tick": pa.array(np.arange(n, dtype=np.int64))}
-        for column, (dtype, _) in TICK_COLUMNS.items():
-            # A run killed while being created has no tick arrays yet: with 0 commits there is nothing to read.
-            values = np.asarray(self._io.open_array(ticks_key(run, column))[:n]) if n else np.zeros(0, dtype)
-            columns[column] = pa.array(values)
+        rows = read_ticks(self._io, run, read_run_attrs(self._io, run)["commit"])
+        columns: dict[str, Any] = {"tick": pa.array(np.arange(len(rows["epoch"]), dtype=np.int64))}
+        columns.update({column: pa.array(values) for column, values in rows.items()})
         return pa.table(columns)
 
     def trajectories(

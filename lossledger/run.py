@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._arrays import as_ids, as_values
 from ._commit import now_iso, write_run_attrs
-from ._store import ChunkEncoder, RunLock, StoreIO, json_bytes
+from ._store import DEFAULT_COMPRESSOR, SCALAR_COMPRESSOR, ChunkEncoder, Payload, RunLock, StoreIO, json_bytes
 from .errors import (
     DuplicateSampleError,
     LedgerWarning,
@@ -23,7 +24,7 @@ from .errors import (
     RunClosedError,
     ShapeMismatchError,
 )
-from .format import TICK_COLUMNS, TICKS_CHUNK, OnDuplicate, check_stream_name, samples_per_chunk, stream_key, ticks_key
+from .format import TICK_COLUMNS, TICKS_CHUNK, TICKS_FLUSH, OnDuplicate, check_stream_name, samples_per_chunk, stream_key, ticks_key
 
 if TYPE_CHECKING:
     from ._samples import SampleIndex
@@ -77,6 +78,7 @@ class Run:
         lock: RunLock,
         attrs: dict[str, Any],
         ticks: dict[str, np.ndarray],
+        flushed: int,
         tick_meta: dict[str, dict[str, Any]],
         streams: dict[str, _Stream],
         on_duplicate: OnDuplicate,
@@ -86,6 +88,7 @@ class Run:
         self._io, self.name, self._index, self._lock = io, name, index, lock
         self._attrs = attrs
         self._ticks = ticks  # committed tick rows, O(T)
+        self._flushed = flushed  # rows in the ticks/ arrays; later ones are in the commit record
         self._tick_meta = tick_meta
         self._streams = streams
         self._on_duplicate = on_duplicate
@@ -133,7 +136,8 @@ class Run:
             self._check_finite(name, stream, values)
             if self._on_duplicate == "error":
                 if unique_rows is None:
-                    unique_rows = np.unique(rows).size == rows.size
+                    sorted_rows = np.sort(rows)  # a sort is several times faster than np.unique's hash
+                    unique_rows = not (sorted_rows[1:] == sorted_rows[:-1]).any()
                 self._check_no_duplicates(name, ids_arr, rows, unique_rows)
             checked.append((stream, values))
         for stream, values in checked:
@@ -156,38 +160,27 @@ class Run:
                 stacklevel=2,
             )
         row = self._next_tick_row(epoch, step)
-        items: dict[str, bytes] = {}
+        ticks = {column: np.append(self._ticks[column], value) for column, value in row.items()}
+        items: dict[str, Payload] = {}
         for name, buffer in self._buffers.items():
             items.update(self._encode_tick(self._streams[name], buffer, tick))
-        for stream in self._streams.values():
-            assert stream.meta is not None  # created by _encode_tick at the stream's first commit
-            stream.meta["shape"][0] = tick + 1
-            items[f"{stream_key(self.name, stream.name)}/zarr.json"] = json_bytes(stream.meta)
-        items.update(self._encode_tick_row(row, tick))
-        self._io.put_many(items)
-
-        commit = self._attrs["commit"]
-        self._attrs = {
-            **self._attrs,
-            "commit": {
-                "ticks": tick + 1,
-                "streams": {name: s.record() for name, s in self._streams.items()},
-                "updated": now_iso(),
-            },
-        }
-        try:
-            write_run_attrs(self._io, self.name, self._attrs)
-        except BaseException:
-            self._attrs = {**self._attrs, "commit": commit}
-            raise
-        for column, value in row.items():
-            self._ticks[column] = np.append(self._ticks[column], value)
+        needed = {stream_key(self.name, name): tick + 1 for name in self._streams}
+        flushed = self._flushed
+        if tick + 1 - flushed >= TICKS_FLUSH:
+            items.update(self._encode_tick_rows(ticks, flushed))
+            needed.update({ticks_key(self.name, column): tick + 1 for column in TICK_COLUMNS})
+            flushed = tick + 1
+        self._write_files(items, needed)
+        self._commit(tick + 1, ticks, flushed)
         self._buffers.clear()
         self._calls_in_tick = 0
         return tick
 
     def close(self) -> None:
-        """Release the run. Values logged since the last ``end_epoch`` are discarded, with a warning."""
+        """Release the run. Values logged since the last ``end_epoch`` are discarded, with a warning.
+
+        Also moves the tick rows still held in the commit record into the ``ticks/`` arrays.
+        """
         if self._closed:
             return
         if self._buffers:
@@ -200,7 +193,16 @@ class Run:
             )
         self._buffers.clear()
         self._closed = True
-        self._lock.release()
+        try:
+            if self._flushed < self.ticks:
+                n = self.ticks
+                self._write_files(
+                    self._encode_tick_rows(self._ticks, self._flushed),
+                    {ticks_key(self.name, column): n for column in TICK_COLUMNS},
+                )
+                self._commit(n, self._ticks, n)
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> Run:
         return self
@@ -292,7 +294,8 @@ class Run:
             "wall": self._wall_base + (time.monotonic() - self._started),
         }
 
-    def _encode_tick(self, stream: _Stream, buffer: _TickBuffer, tick: int) -> dict[str, bytes]:
+    def _encode_tick(self, stream: _Stream, buffer: _TickBuffer, tick: int) -> dict[str, Payload]:
+        """The tick's chunk files of ``stream``, encoded lazily (in the writer threads)."""
         values = buffer.values
         if buffer.counts is not None:
             logged = buffer.counts > 0
@@ -301,10 +304,11 @@ class Run:
         if stream.meta is None:
             stream.meta = self._io.create_array(
                 stream_key(self.name, stream.name),
-                shape=(tick + 1, self._index.n, *stream.element_shape),
+                shape=(_capacity(tick + 1), self._index.n, *stream.element_shape),
                 chunks=(1, stream.per_chunk, *stream.element_shape),
                 dtype=stream.dtype,
                 fill_value=float("nan"),
+                compressor=DEFAULT_COMPRESSOR if stream.element_shape else SCALAR_COMPRESSOR,
             )
         encoder = ChunkEncoder(stream.meta)
         base = stream_key(self.name, stream.name)
@@ -313,21 +317,53 @@ class Run:
         for chunk in np.flatnonzero(buffer.touched):
             lo = int(chunk) * stream.per_chunk
             block = values[lo : lo + stream.per_chunk]
-            out[f"{base}/c/{tick}/{chunk}{suffix}"] = encoder.encode(block[None])
+            out[f"{base}/c/{tick}/{chunk}{suffix}"] = partial(encoder.encode, block[None])
         return out
 
-    def _encode_tick_row(self, row: dict[str, Any], tick: int) -> dict[str, bytes]:
-        chunk = tick // TICKS_CHUNK
-        lo = chunk * TICKS_CHUNK
+    def _encode_tick_rows(self, ticks: dict[str, np.ndarray], start: int) -> dict[str, bytes]:
+        """The ``ticks/`` chunk files holding rows ``start`` and later of ``ticks`` (all committed rows)."""
         out = {}
-        for column, value in row.items():
-            meta = self._tick_meta[column]
-            history = np.append(self._ticks[column][lo:], value).astype(TICK_COLUMNS[column][0])
-            meta["shape"][0] = tick + 1
-            key = ticks_key(self.name, column)
-            out[f"{key}/c/{chunk}"] = ChunkEncoder(meta).encode(history)
-            out[f"{key}/zarr.json"] = json_bytes(meta)
+        for column, values in ticks.items():
+            encoder = ChunkEncoder(self._tick_meta[column])
+            for chunk in range(start // TICKS_CHUNK, -(-len(values) // TICKS_CHUNK)):
+                lo = chunk * TICKS_CHUNK
+                history = values[lo : lo + TICKS_CHUNK].astype(TICK_COLUMNS[column][0])
+                out[f"{ticks_key(self.name, column)}/c/{chunk}"] = encoder.encode(history)
         return out
+
+    def _write_files(self, items: dict[str, Payload], needed: dict[str, int]) -> None:
+        """Write ``items`` and grow each array ``key`` of ``needed`` to hold ``needed[key]`` ticks.
+
+        Array shapes grow by doubling, so most commits rewrite no array metadata; the grown metadata is
+        adopted by this writer only once it is on disk.
+        """
+        metas = {ticks_key(self.name, column): meta for column, meta in self._tick_meta.items()}
+        metas.update({stream_key(self.name, name): s.meta for name, s in self._streams.items() if s.meta})
+        grown = {key: _with_capacity(metas[key], n) for key, n in needed.items() if metas[key]["shape"][0] < n}
+        self._io.put_many({**items, **{f"{key}/zarr.json": json_bytes(meta) for key, meta in grown.items()}})
+        for key, meta in grown.items():
+            metas[key].update(meta)
+
+    def _commit(self, n_ticks: int, ticks: dict[str, np.ndarray], flushed: int) -> None:
+        """Write the commit record: ``n_ticks`` committed, rows ``flushed`` and later held in the record."""
+        record = {
+            "ticks": n_ticks,
+            "streams": {name: s.record() for name, s in self._streams.items()},
+            "pending_ticks": {column: values[flushed:].tolist() for column, values in ticks.items()},
+            "updated": now_iso(),
+        }
+        attrs = {**self._attrs, "commit": record}
+        write_run_attrs(self._io, self.name, attrs)
+        self._attrs, self._ticks, self._flushed = attrs, ticks, flushed
+
+
+def _capacity(ticks: int) -> int:
+    """Ticks an array is sized for when it must hold ``ticks``: the next power of two, at least 16."""
+    return max(16, 1 << (ticks - 1).bit_length())
+
+
+def _with_capacity(meta: dict[str, Any], ticks: int) -> dict[str, Any]:
+    return {**meta, "shape": [_capacity(ticks), *meta["shape"][1:]]}
 
 
 def _dedupe(rows: np.ndarray, values: np.ndarray, *, keep: str) -> tuple[np.ndarray, np.ndarray]:
