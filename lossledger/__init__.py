@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
-from . import errors
+from . import dynamics, errors
 from ._version import __version__
 from .errors import LedgerError, LedgerWarning
 from .ledger import Ledger, create, open
 from .run import Run
 
-__all__ = ["Ledger", "LedgerError", "LedgerWarning", "Run", "__version__", "create", "errors", "open"]
+__all__ = ["Ledger", "LedgerError", "LedgerWarning", "Run", "__version__", "create", "dynamics", "errors", "open"]

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
-import json
-
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import __version__
 from ._render import render_csv, render_text
 from .errors import LedgerError
+from .export import check_output_path, write_parquet
 from .ledger import open as open_ledger
 
 
@@ -34,9 +33,15 @@ def _sql(args: argparse.Namespace) -> int:
     return _emit(open_ledger(args.path).sql(args.query), args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    out = open_ledger(args.path).export(args.output, args.run, streams=args.stream, dt=args.dt)
+    print(f"wrote {out}")
+    return 0
+
+
 def _emit(table: pa.Table, args: argparse.Namespace) -> int:
     if args.format == "parquet":
-        pq.write_table(table, args.output)
+        write_parquet(check_output_path(args.output), table.schema, [table])
         return 0
     out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
     try:
@@ -86,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "(sample_id) GROUP BY class\"")
     _add_output(sql)
     sql.set_defaults(handler=_sql)
+
+    export = commands.add_parser("export", help="write the scores of runs, joined with the samples, to parquet")
+    export.add_argument("path", help="the ledger folder")
+    export.add_argument("output", help="the parquet file to write (replaced atomically)")
+    export.add_argument("--run", action="append", help="a run to export (repeat for several; default: all)")
+    export.add_argument("--stream", action="append", help="a stream to export (repeat; default: every stream)")
+    export.add_argument("--dt", choices=["epoch", "step", "wall"], default="epoch", help="Δt of a tick (default: epoch)")
+    export.set_defaults(handler=_export)
     return parser
 
 

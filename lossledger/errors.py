@@ -68,6 +68,10 @@ class DuplicateSampleError(LedgerError, ValueError):
     """The same sample id was logged twice in one tick of one stream."""
 
 
+class OutputPathError(LedgerError, FileNotFoundError):
+    """A file to write (an export) cannot go where asked: its folder is missing, or the path is a folder."""
+
+
 class _KeyErrorMessage(KeyError):
     # KeyError.__str__ quotes its argument; show the message as written.
     def __str__(self) -> str:
@@ -98,6 +102,7 @@ __all__ = [
     "LedgerWarning",
     "NonFiniteValueError",
     "NotALedgerError",
+    "OutputPathError",
     "ReadOnlyError",
     "RunClosedError",
     "RunLockedError",

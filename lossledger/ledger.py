@@ -18,6 +18,7 @@ import pyarrow as pa
 from ._arrays import as_ids, tick_positions
 from ._commit import ensure_tick_arrays, list_runs, now_iso, read_run_attrs, read_ticks, recover, write_run_attrs
 from ._samples import SampleIndex, Samples, build_samples, read_samples, write_samples
+from ._scoring import compute_scores
 from ._store import RunLock, StoreIO, json_bytes
 from .errors import (
     CorruptLedgerError,
@@ -32,6 +33,7 @@ from .errors import (
     UnknownRunError,
     UnknownStreamError,
 )
+from .export import export as export_scores
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -45,12 +47,11 @@ from .format import (
     stream_key,
     ticks_key,
 )
-from ._scoring import compute_scores
 from .rankings import top_k
-from .sql import connect as sql_connect
-from .sql import query as sql_query
 from .run import Run, _Stream
 from .scores import Dt
+from .sql import connect as sql_connect
+from .sql import query as sql_query
 
 Mode = Literal["r", "a"]
 
@@ -373,6 +374,22 @@ class Ledger:
         """
         table = self.scores(self._only_run(run), stream, dt=dt, ticks=ticks)
         return top_k(table, self.samples, k, by=by, hardest=hardest, per_class=per_class)
+
+    def export(
+        self,
+        path: str | os.PathLike[str],
+        runs: Sequence[str] | None = None,
+        *,
+        streams: Sequence[str] | None = None,
+        dt: Dt = "epoch",
+    ) -> Path:
+        """Write the scores of ``runs`` (default: all) joined with the samples table to one parquet file.
+
+        One row per run, stream and sample; missing scores are null; the run attributes are in the file's
+        ``lossledger`` metadata (schema: docs/api.md). Written to a temp file and renamed, so the file appears
+        whole or not at all. Memory: one run's scores of one stream at a time. Returns the path.
+        """
+        return export_scores(self, path, runs, streams=streams, dt=dt)
 
     def sql(self, query: str) -> pa.Table:
         """Run a DuckDB SQL query over the views ``samples``, ``runs``, ``ticks``, ``scores``, ``losses``.

@@ -24,7 +24,16 @@ from .errors import (
     RunClosedError,
     ShapeMismatchError,
 )
-from .format import TICK_COLUMNS, TICKS_CHUNK, TICKS_FLUSH, OnDuplicate, check_stream_name, samples_per_chunk, stream_key, ticks_key
+from .format import (
+    TICK_COLUMNS,
+    TICKS_CHUNK,
+    TICKS_FLUSH,
+    OnDuplicate,
+    check_stream_name,
+    samples_per_chunk,
+    stream_key,
+    ticks_key,
+)
 
 if TYPE_CHECKING:
     from ._samples import SampleIndex

@@ -62,3 +62,18 @@ def test_sql_errors_exit_1(ledger):
     assert out.returncode == 1 and "SQL error" in out.stderr and "Traceback" not in out.stderr
     out = run_cli("top", str(ledger.path), "--format", "parquet")
     assert out.returncode == 2 and "--output" in out.stderr
+
+
+def test_export_writes_parquet(ledger, tmp_path):
+    import pyarrow.parquet as pq
+
+    with ledger.run("r") as run:
+        run.log([0, 1], loss=[1.0, 2.0])
+        run.end_epoch()
+    out = run_cli("export", str(ledger.path), str(tmp_path / "s.parquet"), "--run", "r", "--dt", "step")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"wrote {tmp_path / 's.parquet'}"
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table.num_rows == 10 and table["action"].to_pylist()[:3] == [1.0, 2.0, None]
+    missing = run_cli("export", str(ledger.path), str(tmp_path / "no" / "s.parquet"))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
