@@ -9,10 +9,21 @@
 
 from __future__ import annotations
 
-from . import dynamics, errors
+from . import analysis, dynamics, errors
 from ._version import __version__
 from .errors import LedgerError, LedgerWarning
 from .ledger import Ledger, create, open
 from .run import Run
 
-__all__ = ["Ledger", "LedgerError", "LedgerWarning", "Run", "__version__", "create", "dynamics", "errors", "open"]
+__all__ = [
+    "Ledger",
+    "LedgerError",
+    "LedgerWarning",
+    "Run",
+    "__version__",
+    "analysis",
+    "create",
+    "dynamics",
+    "errors",
+    "open",
+]

@@ -57,6 +57,11 @@ def list_runs(io: StoreIO) -> list[str]:
     return [name for name in io.list_dir("runs") if io.exists(f"{run_key(name)}/zarr.json")]
 
 
+def flushed_ticks(commit: dict[str, Any]) -> int:
+    """How many tick rows are in the ``ticks/`` arrays (the rest are pending in the commit record)."""
+    return int(commit["ticks"]) - len(commit.get("pending_ticks", {}).get("epoch", []))
+
+
 def read_ticks(io: StoreIO, run: str, commit: dict[str, Any]) -> dict[str, np.ndarray]:
     """The committed tick rows of ``run``, (T,) per column of ``TICK_COLUMNS``: the ``ticks/`` arrays, then
     the rows still pending in the commit record. Memory O(T)."""
@@ -87,8 +92,7 @@ def recover(io: StoreIO, run: str, commit: dict[str, Any]) -> int:
     Call after :func:`ensure_tick_arrays`. Deletes ``*.partial`` temp files, streams the record does not
     list, and chunks at ticks ``>= committed``. Array shapes are capacities (at least ``committed``) and stay.
     """
-    committed, streams = commit["ticks"], commit["streams"]
-    flushed = committed - len(commit.get("pending_ticks", {}).get("epoch", []))
+    committed, streams, flushed = commit["ticks"], commit["streams"], flushed_ticks(commit)
     removed = io.remove_partial_files(run_key(run))
     # Zarr creates missing parent groups through temp files too: a kill then can leave them one level up.
     removed += io.remove_partial_files("", recursive=False) + io.remove_partial_files("runs", recursive=False)

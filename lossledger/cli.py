@@ -39,6 +39,28 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    table = open_ledger(args.path).correlate(
+        args.runs, args.stream, by_class=not args.overall, method=args.method, quantiles=args.quantiles, dt=args.dt,
+        by=args.by,
+    )
+    return _emit(table, args)
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(q) for q in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.1,0.5, got {text!r}") from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo  # imports scikit-learn (and torch when present) only for this command
+
+    run_demo(args.out, epochs=args.epochs, noise=args.noise, seed=args.seed, dataset=args.dataset)
+    return 0
+
+
 def _emit(table: pa.Table, args: argparse.Namespace) -> int:
     if args.format == "parquet":
         write_parquet(check_output_path(args.output), table.schema, [table])
@@ -69,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lossledger {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser("demo", help="train a model on digits with flipped labels, log it, find the flips")
+    demo.add_argument("--out", default="lossledger-demo", help="output folder (default: ./lossledger-demo)")
+    demo.add_argument("--epochs", type=int, default=100, help="training epochs (default: 100)")
+    demo.add_argument("--noise", type=float, default=0.2, help="fraction of training labels flipped (default: 0.2)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the split, the flips and the model (default: 0)")
+    demo.add_argument("--dataset", help="an .npz with arrays x (n, ...) and y (n,) instead of digits")
+    demo.set_defaults(handler=_demo)
     info = commands.add_parser("info", help="summarize a ledger: samples, classes, runs, ticks, streams")
     info.add_argument("path", help="the ledger folder")
     info.set_defaults(handler=_info)
@@ -91,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
                      "(sample_id) GROUP BY class\"")
     _add_output(sql)
     sql.set_defaults(handler=_sql)
+
+    compare = commands.add_parser("compare", help="correlate per-sample scores between runs (the paper's Table 1)")
+    compare.add_argument("path", help="the ledger folder")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="two or more runs")
+    compare.add_argument("--stream", default="loss", help="the stream to score (default: loss)")
+    compare.add_argument("--by", default="action", help="score column to correlate (default: action)")
+    compare.add_argument("--method", choices=["pearson", "spearman"], default="pearson", help="default: pearson")
+    compare.add_argument("--overall", action="store_true", help="only the correlation over all samples, not per class")
+    compare.add_argument("--quantiles", type=_fractions, help="also correlate the top-q samples, e.g. 0.1,0.5 (Fig 14)")
+    compare.add_argument("--dt", choices=["epoch", "step", "wall"], default="epoch", help="Δt of a tick (default: epoch)")
+    _add_output(compare)
+    compare.set_defaults(handler=_compare)
 
     export = commands.add_parser("export", help="write the scores of runs, joined with the samples, to parquet")
     export.add_argument("path", help="the ledger folder")

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -15,8 +14,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from . import compare
 from ._arrays import as_ids, tick_positions
-from ._commit import ensure_tick_arrays, list_runs, now_iso, read_run_attrs, read_ticks, recover, write_run_attrs
+from ._commit import list_runs, now_iso, read_run_attrs, read_ticks
+from ._runs import open_writer
 from ._samples import SampleIndex, Samples, build_samples, read_samples, write_samples
 from ._scoring import compute_scores
 from ._store import RunLock, StoreIO, json_bytes
@@ -26,7 +27,6 @@ from .errors import (
     InvalidDTypeError,
     LedgerExistsError,
     LedgerNotFoundError,
-    LedgerWarning,
     NotALedgerError,
     ReadOnlyError,
     ShapeMismatchError,
@@ -39,16 +39,14 @@ from .format import (
     FORMAT_VERSION,
     ON_DUPLICATE,
     STREAM_DTYPES,
-    TICK_COLUMNS,
     OnDuplicate,
     check_run_name,
     check_stream_name,
     run_key,
     stream_key,
-    ticks_key,
 )
 from .rankings import top_k
-from .run import Run, _Stream
+from .run import Run
 from .scores import Dt
 from .sql import connect as sql_connect
 from .sql import query as sql_query
@@ -234,58 +232,15 @@ class Ledger:
         attrs = _json_attrs(attrs)
         lock = RunLock(self.path / run_key(name) / "writer.lock", name)
         try:
-            writer = self._open_writer(name, lock, attrs, on_duplicate, allow_nonfinite, dtypes)
+            writer = open_writer(
+                self._io, self._index, name, lock, attrs,
+                on_duplicate=on_duplicate, allow_nonfinite=allow_nonfinite, stream_dtypes=dtypes,
+            )
         except BaseException:
             lock.release()
             raise
         self._open_runs.append(writer)
         return writer
-
-    def _open_writer(
-        self, name: str, lock: RunLock, attrs: dict[str, Any], on_duplicate: OnDuplicate, allow_nonfinite: bool,
-        dtypes: dict[str, str],
-    ) -> Run:
-        io = self._io
-        if io.exists(f"{run_key(name)}/zarr.json"):
-            run_attrs = read_run_attrs(io, name)
-            commit = run_attrs["commit"]
-            if commit["ticks"] == 0:
-                ensure_tick_arrays(io, name)
-            recover(io, name, commit)
-            changed = {k: v for k, v in attrs.items() if k in run_attrs["attrs"] and run_attrs["attrs"][k] != v}
-            if changed:
-                warnings.warn(
-                    f"run {name!r}: resuming with changed attributes {sorted(changed)} (stored values replaced)",
-                    LedgerWarning,
-                    stacklevel=3,
-                )
-            if attrs:
-                run_attrs = {**run_attrs, "attrs": {**run_attrs["attrs"], **attrs}}
-                write_run_attrs(io, name, run_attrs)
-        else:
-            # A run whose group metadata is missing was never created (or its creation was killed): start clean.
-            for leftover in ("streams", "ticks"):
-                io.delete_dir(f"{run_key(name)}/{leftover}")
-            created = now_iso()
-            run_attrs = {"commit": {"ticks": 0, "streams": {}, "updated": created}, "created": created, "attrs": attrs}
-            # The group metadata goes first: Zarr would otherwise make an attribute-less group for the arrays.
-            write_run_attrs(io, name, run_attrs)
-            ensure_tick_arrays(io, name)
-        tick_meta = {c: _require(io.get_json(f"{ticks_key(name, c)}/zarr.json"), ticks_key(name, c)) for c in TICK_COLUMNS}
-        ticks = read_ticks(io, name, run_attrs["commit"])
-        flushed = run_attrs["commit"]["ticks"] - len(run_attrs["commit"].get("pending_ticks", {}).get("epoch", []))
-        streams = {}
-        for stream, record in run_attrs["commit"]["streams"].items():
-            meta = _require(io.get_json(f"{stream_key(name, stream)}/zarr.json"), stream_key(name, stream))
-            streams[stream] = _Stream(
-                stream, record["dtype"], tuple(record["element_shape"]), record["since"],
-                per_chunk=int(meta["chunk_grid"]["configuration"]["chunk_shape"][1]), meta=meta,
-            )
-        return Run(
-            io=io, name=name, index=self._index, lock=lock, attrs=run_attrs, ticks=ticks, flushed=flushed,
-            tick_meta=tick_meta, streams=streams, on_duplicate=on_duplicate, allow_nonfinite=allow_nonfinite,
-            stream_dtypes=dtypes,
-        )
 
     def run_attrs(self, run: str) -> dict[str, Any]:
         """User attributes of ``run``, plus ``created`` and ``updated`` (ISO-8601 UTC)."""
@@ -374,6 +329,33 @@ class Ledger:
         """
         table = self.scores(self._only_run(run), stream, dt=dt, ticks=ticks)
         return top_k(table, self.samples, k, by=by, hardest=hardest, per_class=per_class)
+
+    def ensemble(
+        self, runs: Sequence[str], stream: str = "loss", *, dt: Dt = "epoch", ticks: Any = None, by: str = "action"
+    ) -> pa.Table:
+        """Mean score over ``runs`` per sample, min-max normalized, with one column per run (paper Fig 6/7).
+
+        See :func:`lossledger.compare.ensemble`. Memory: O(samples × runs).
+        """
+        return compare.ensemble(self, runs, stream, dt=dt, ticks=ticks, by=by)
+
+    def correlate(
+        self,
+        runs: Sequence[str],
+        stream: str = "loss",
+        *,
+        by_class: bool = True,
+        method: Literal["pearson", "spearman"] = "pearson",
+        quantiles: Sequence[float] | None = None,
+        dt: Dt = "epoch",
+        ticks: Any = None,
+        by: str = "action",
+    ) -> pa.Table:
+        """Correlation of per-sample scores between each pair of ``runs``, overall and per class (paper Table 1);
+        ``quantiles`` restricts it to the top-q samples (Fig 14). See :func:`lossledger.compare.correlate`."""
+        return compare.correlate(
+            self, runs, stream, by_class=by_class, method=method, quantiles=quantiles, dt=dt, ticks=ticks, by=by
+        )
 
     def export(
         self,
@@ -464,9 +446,3 @@ def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
             ) from err
         out[key] = value
     return out
-
-
-def _require(doc: dict[str, Any] | None, key: str) -> dict[str, Any]:
-    if doc is None:
-        raise CorruptLedgerError(f"array metadata {key}/zarr.json is missing; the ledger is damaged")
-    return doc

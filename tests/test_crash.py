@@ -434,7 +434,7 @@ KILLED_WRITER = r'''
 import os, signal, sys
 import zarr.storage._local as zlocal
 import lossledger as ll
-import lossledger.ledger
+import lossledger._runs
 
 def kill(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -443,7 +443,7 @@ if sys.argv[2] == "root-group":
     move = zlocal._safe_move
     zlocal._safe_move = lambda src, dst: kill() if dst.parent == zlocal.Path(sys.argv[1]) else move(src, dst)
 else:
-    lossledger.ledger.ensure_tick_arrays = kill
+    lossledger._runs.ensure_tick_arrays = kill
 run = ll.open(sys.argv[1], mode="a").run("r")
 run.log([0], loss=[1.0])
 run.end_epoch()

@@ -1,0 +1,122 @@
+"""``lossledger demo``: the main job. Train, log every epoch, then show what the ledger finds.
+
+Everything printed is computed from the ledger just written (and the known flips, to score the scores).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import pyarrow as pa
+
+from . import dynamics
+from ._render import render_text
+from .analysis import detection_table, flag_noisy, memorization_window
+from .demo_training import DemoData, load_data, progress_bar, train
+from .ledger import Ledger
+
+RUN = "mlp-s0"
+
+
+def run_demo(
+    out: str | Path, *, epochs: int = 100, noise: float = 0.2, seed: int = 0, dataset: str | Path | None = None,
+    stdout: TextIO | None = None,
+) -> pa.Table:
+    """Train, log, analyse and print; write ``demo.ll``, ``scores.parquet`` in ``out``. Returns the
+    detection table (one row per score: AUROC and precision@k at finding the flipped labels)."""
+    stdout = sys.stdout if stdout is None else stdout
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_data(dataset, noise=noise, seed=seed)
+    n_train = int((data.split == "train").sum())
+    print(f"data: {'digits (scikit-learn)' if dataset is None else dataset}: {len(data.labels)} samples, "
+          f"{len(data.classes)} classes; {n_train} train ({int(data.flipped.sum())} labels flipped, "
+          f"{noise:.0%}), {len(data.labels) - n_train} validation", file=stdout)
+    start = time.monotonic()
+    ledger = train(data, out / "demo.ll", epochs=epochs, seed=seed, run=RUN, progress=progress_bar())
+    print(f"trained {ledger.run_attrs(RUN)['model']} for {epochs} epochs in {time.monotonic() - start:.1f} s; "
+          f"ledger: {ledger.path}", file=stdout)
+
+    window = memorization_window(ledger, RUN)
+    print(f"\nmemorization window: ticks {window.start}..{window.stop - 1} (chosen by {window.method})", file=stdout)
+    scores = ledger.scores(RUN, ticks=window.ticks)
+    train_rows = data.split == "train"
+    _section(stdout, "10 hardest training samples (action over the window)",
+             _ranked(scores, data, train_rows, hardest=True))
+    _section(stdout, "10 easiest training samples", _ranked(scores, data, train_rows, hardest=False))
+    _section(stdout, "mean action per class (training samples, assigned label)", _per_class(ledger, scores, train_rows))
+    table = detection(ledger, data, window.ticks)
+    _section(stdout, f"finding the {int(data.flipped.sum())} flipped labels (k = number flipped)", table)
+    noisy = flag_noisy(ledger, RUN)
+    flagged = np.isin(np.arange(len(data.labels)), noisy.flagged_ids)
+    hits = int((flagged & data.flipped).sum())
+    print(f"\nflag_noisy (two-component mixture on log-action, threshold {noisy.threshold:.4g}): flagged "
+          f"{int(flagged.sum())}, of which {hits} flipped (precision {hits / max(int(flagged.sum()), 1):.2f}, "
+          f"recall {hits / max(int(data.flipped.sum()), 1):.2f})", file=stdout)
+    parquet = ledger.export(out / "scores.parquet", [RUN])
+    print(f"\nwrote {parquet}", file=stdout)
+    return table
+
+
+def detection(ledger: Ledger, data: DemoData, window: slice) -> pa.Table:
+    """AUROC and precision@k of each score at finding the flipped training labels (higher = more suspect)."""
+    train_rows = data.split == "train"
+    flipped = data.flipped[train_rows]
+
+    def column(table: pa.Table, name: str, sign: float = 1.0) -> np.ndarray:
+        return sign * table[name].to_numpy(zero_copy_only=False)[train_rows]
+
+    full = ledger.scores(RUN)
+    windowed = ledger.scores(RUN, ticks=window)
+    losses = ledger.trajectories(RUN, "loss", ids=ledger.sample_ids[train_rows])  # (n_train, T): a small demo
+    per_epoch = detection_table({str(t): losses[:, t] for t in range(losses.shape[1])}, flipped)
+    best = int(np.argmax(per_epoch["auroc"].to_numpy()))
+    carto = dynamics.cartography(ledger, RUN)
+    return detection_table(
+        {
+            "action (all epochs)": column(full, "action"),
+            f"action (window 0..{window.stop - 1})": column(windowed, "action"),
+            "variance of loss": column(full, "variance"),
+            "final-epoch loss": losses[:, -1],
+            f"best single epoch ({best}, oracle)": losses[:, best],
+            "cartography: -confidence": column(carto, "confidence", -1.0),
+            "AUM: -aum": column(dynamics.aum(ledger, RUN), "aum", -1.0),
+            "forgetting events": column(dynamics.forgetting(ledger, RUN), "forgetting_events"),
+        },
+        flipped,
+    )
+
+
+def _ranked(scores: pa.Table, data: DemoData, rows: np.ndarray, *, hardest: bool) -> pa.Table:
+    action = scores["action"].to_numpy(zero_copy_only=False)
+    candidates = np.flatnonzero(rows & ~np.isnan(action))
+    order = candidates[np.argsort(action[candidates] if not hardest else -action[candidates], kind="stable")][:10]
+    return pa.table(
+        {
+            "sample_id": pa.array(scores["sample_id"].to_numpy()[order]),
+            "label": pa.array(data.labels[order]),
+            "true_label": pa.array(data.true[order]),
+            "flipped": pa.array(data.flipped[order]),
+            "action": pa.array(action[order]),
+        }
+    )
+
+
+def _per_class(ledger: Ledger, scores: pa.Table, rows: np.ndarray) -> pa.Table:
+    con = ledger.duckdb()
+    try:
+        con.register("s", scores.append_column("train", pa.array(rows)))
+        return con.sql(
+            "SELECT label, count(*) AS n, avg(action) AS mean_action, median(action) AS median_action "
+            "FROM s WHERE train AND NOT isnan(action) GROUP BY label ORDER BY label"
+        ).to_arrow_table()
+    finally:
+        con.close()
+
+
+def _section(stdout: TextIO, title: str, table: pa.Table) -> None:
+    print(f"\n{title}\n{render_text(table)}", file=stdout)
