@@ -77,3 +77,19 @@ def test_export_writes_parquet(ledger, tmp_path):
     assert table.num_rows == 10 and table["action"].to_pylist()[:3] == [1.0, 2.0, None]
     missing = run_cli("export", str(ledger.path), str(tmp_path / "no" / "s.parquet"))
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_compare_runs(ledger):
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        with ledger.run(name) as run:
+            run.log(list(range(10)), loss=[scale * (i % 4) for i in range(10)])
+            run.end_epoch()
+    out = run_cli("compare", str(ledger.path), "a", "b", "--quantiles", "0.5", "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == '"run_a","run_b","group","quantile","n","r"'
+    assert lines[1].startswith('"a","b","all",,10,1') and len(lines) == 1 + 4 * 2  # all + 3 classes, 2 quantiles
+    bad = run_cli("compare", str(ledger.path), "a", "b", "--quantiles", "half")
+    assert bad.returncode == 2 and "comma-separated fractions" in bad.stderr
+    one = run_cli("compare", str(ledger.path), "a")
+    assert one.returncode == 1 and "Traceback" not in one.stderr
