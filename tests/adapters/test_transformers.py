@@ -183,3 +183,79 @@ def test_errors_say_what_to_do(tmp_path) -> None:
         with pytest.raises(ll.errors.ShapeMismatchError, match="one id per item"):
             IndexedDataset(TokenDataset(x, y), ids=np.arange(3))
     assert ledger.ticks("r").num_rows == 0
+
+
+# --- two processes (DDP on gloo): run as `torchrun --nproc_per_node 2 tests/adapters/test_transformers.py DIR` ----
+
+
+def test_ddp_two_processes(tmp_path) -> None:
+    """Each rank logs its own batches; rank 0 gathers once per epoch and stores every sample exactly once."""
+    import signal
+    import subprocess
+    import sys
+
+    x = _sequences(51, 6)  # 51 samples, 2 ranks, batches of 8: the last batches are padded with repeats
+    ids = 100 + np.random.default_rng(7).permutation(51)
+    ledger = ll.create(tmp_path / "ddp.ll", sample_ids=ids, labels=x[:, 1] % 2)
+    ledger.close()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # A session of its own, so that a hang (e.g. rendezvous) kills the workers too, not only the launcher.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+         str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the 2-process run did not finish in 180 s:\n{output}")
+    assert proc.returncode == 0, output
+    token_to_id = {row.tobytes(): int(i) for row, i in zip(x, ids)}
+    candidates: dict[tuple[int, int], list[float]] = {}
+    for rank in (0, 1):
+        saved = np.load(tmp_path / f"capture{rank}.npz")
+        losses = _ce(saved["logits"], saved["labels"])
+        for epoch, tokens, loss in zip(saved["epoch"], saved["input_ids"], losses):
+            candidates.setdefault((token_to_id[tokens.tobytes()], int(epoch)), []).append(float(loss))
+    ledger = ll.open(tmp_path / "ddp.ll")
+    ticks = ledger.ticks("ddp").to_pydict()
+    assert ticks["epoch"] == [0, 1] and ticks["step"] == [4, 8], ticks  # 26 samples per rank, batches of 8
+    stored = ledger.trajectories("ddp", "loss", ids=ids)
+    assert np.isfinite(stored).all()  # every sample logged in every epoch, across both ranks
+    # Accelerate pads each rank's last batch to full size by repeating samples: repeats reach the gather.
+    assert sum(len(v) > 1 for v in candidates.values()) > 0
+    for (sample, epoch), values in candidates.items():
+        row = int(np.flatnonzero(ids == sample)[0])
+        assert np.isclose(values, stored[row, epoch], rtol=1e-5, atol=1e-6).any(), (sample, epoch, values)
+
+
+def _ddp_child(root: str) -> None:
+    from pathlib import Path
+
+    rank = int(os.environ["RANK"])
+    path = Path(root)
+    x = _sequences(51, 6)
+    ids = 100 + np.random.default_rng(7).permutation(51)
+    model = _bert(0)
+    capture = Capture(model)
+    run = ll.open(path / "ddp.ll", mode="a").run("ddp") if rank == 0 else None
+    trainer = LossLedgerTrainer(
+        model=model, run=run, callbacks=[capture.callback()],
+        args=_args(path, per_device_train_batch_size=8, num_train_epochs=2, ddp_backend="gloo"),
+        train_dataset=IndexedDataset(TokenDataset(x, x[:, 1] % 2), ids),
+    )
+    trainer.train()
+    assert trainer.args.world_size == 2
+    rows = [r for r in capture.rows if r[1]]
+    np.savez(path / f"capture{rank}.npz", epoch=np.concatenate([np.full(len(r[2]), r[0]) for r in rows]),
+             input_ids=np.concatenate([r[2] for r in rows]), labels=np.concatenate([r[3] for r in rows]),
+             logits=np.concatenate([r[4] for r in rows]))
+    if run is not None:
+        run.close()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _ddp_child(sys.argv[1])
