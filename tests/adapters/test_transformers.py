@@ -185,12 +185,14 @@ def test_errors_say_what_to_do(tmp_path) -> None:
     assert ledger.ticks("r").num_rows == 0
 
 
-# --- two processes (DDP on gloo): run as `torchrun --nproc_per_node 2 tests/adapters/test_transformers.py DIR` ----
+# --- two processes (DDP on gloo): each rank runs `python tests/adapters/test_transformers.py DIR` ----------------
 
 
 def test_ddp_two_processes(tmp_path) -> None:
     """Each rank logs its own batches; rank 0 gathers once per epoch and stores every sample exactly once."""
+    import functools
     import signal
+    import socket
     import subprocess
     import sys
 
@@ -198,19 +200,28 @@ def test_ddp_two_processes(tmp_path) -> None:
     ids = 100 + np.random.default_rng(7).permutation(51)
     ledger = ll.create(tmp_path / "ddp.ll", sample_ids=ids, labels=x[:, 1] % 2)
     ledger.close()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # A session of its own, so that a hang (e.g. rendezvous) kills the workers too, not only the launcher.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-         str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    # Both ranks in one new process group, so that a hang kills both.
+    procs: list[subprocess.Popen] = []
+    logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+    for rank in (0, 1):
+        with open(logs[rank], "w") as log:  # files, not pipes: a full pipe could stall a collective
+            procs.append(subprocess.Popen(
+                [sys.executable, __file__, str(tmp_path)], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=functools.partial(os.setpgid, 0, procs[0].pid if procs else 0),
+            ))
     try:
-        output, _ = proc.communicate(timeout=180)
+        codes = [p.wait(timeout=180) for p in procs]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the 2-process run did not finish in 180 s:\n{output}")
-    assert proc.returncode == 0, output
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        codes = [p.wait() for p in procs]
+    output = "\n".join(f"rank {rank}:\n{path.read_text()}" for rank, path in enumerate(logs))
+    assert codes == [0, 0], f"exit codes {codes} (negative: killed after 180 s)\n{output}"
     token_to_id = {row.tobytes(): int(i) for row, i in zip(x, ids)}
     candidates: dict[tuple[int, int], list[float]] = {}
     for rank in (0, 1):
