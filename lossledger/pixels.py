@@ -1,0 +1,717 @@
+"""Dense streams: per-pixel action maps, per-sample and per-class summaries, PCA embeddings, out of core.
+
+A dense stream has element shape (H, W) (or any non-empty shape: (C, H, W) per-class losses work wherever no
+label mask is involved): ``runs/<run>/streams/<name>`` is (T, N, H, W), chunked one tick by ``S`` samples
+(``S`` ≈ 1 MiB / sample size). For pixel ``p`` of sample ``i`` with loss ``L[t, i, p]`` at the scanned ticks
+where it is not NaN:
+
+- ``action[i, p]``   = Σ_t L[t, i, p] · Δt[t]   (Δt as in :mod:`lossledger.scores`: 1 per tick for
+  ``dt="epoch"``, the tick's optimizer steps for ``"step"``, its seconds for ``"wall"``);
+- ``mean[i, p]`` and ``variance[i, p]``: mean and population variance (ddof=0) over the observed ticks;
+- ``n_obs[i, p]``: the number of observed ticks.
+
+**NaN is "not a loss".** Ignored pixels (``ignore_index``, void masks) must be stored as NaN, never 0: a loss
+computed with ``ignore_index`` returns 0 there, so pass it through :func:`mask_ignored` before ``run.log``
+(and open the run with ``allow_nonfinite=True``, which lets NaN through the writer's checks). NaN pixels are
+skipped; a pixel never observed has ``n_obs = 0`` and NaN action, mean and variance, and is left out of every
+per-sample or per-class statistic.
+
+Memory: values are read as slabs of whole stored chunks of at most ``PIXEL_BUDGET_BYTES`` (64 MB) of float32,
+over blocks of at most ``budget / (64 B x pixels)`` samples (at least one chunk), whose float64 state
+(about 36 B per pixel) is kept between slabs; never the (N, H, W) maps of all samples unless asked for them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from ._arrays import as_ids, tick_positions, to_numpy
+from ._commit import read_run_attrs, read_ticks
+from ._scan import scan
+from .errors import InvalidDTypeError, ShapeMismatchError, UnknownStreamError
+from .format import stream_key
+from .scores import DT_MODES, Dt, tick_durations
+
+if TYPE_CHECKING:
+    import zarr
+
+    from .ledger import Ledger
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "PixelMaps",
+    "iter_pixel_action",
+    "mask_ignored",
+    "pca_embedding",
+    "pixel_action",
+    "pixel_class_action",
+    "pixel_summary",
+]
+
+#: Bytes of float32 values read at once (one slab), and the scale of a block's state.
+PIXEL_BUDGET_BYTES = 64 << 20
+#: Bytes of state and per-tick temporaries per pixel of a block (n_obs, action, mean, m2, a float64 tick).
+_STATE_BYTES = 64
+#: Default ``threshold`` of ``frac_above``: a pixel whose mean cross-entropy exceeds ln 2 had, on geometric
+#: average over the observed ticks, less than even odds on its true class.
+DEFAULT_THRESHOLD = math.log(2.0)
+#: Largest number of PCA features (covariance matrix of ``features**2`` float64 values).
+_MAX_PCA_FEATURES = 8192
+
+
+@dataclass(frozen=True)
+class PixelMaps:
+    """Per-pixel maps of samples of a dense stream (from :func:`pixel_action`).
+
+    ``sample_id`` (k,) int64; ``action``, ``mean``, ``variance`` (k, *element_shape) float32, NaN where a pixel
+    was never observed; ``n_obs`` (k, *element_shape) int32. The statistics are accumulated in float64 and
+    rounded to float32 once (relative error ≤ 6e-8).
+    """
+
+    run: str
+    stream: str
+    dt: str
+    ticks: np.ndarray  # (t,) int64 tick indices scanned
+    sample_id: np.ndarray
+    action: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+    n_obs: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.sample_id.shape[0])
+
+    def select(self, index: Any) -> PixelMaps:
+        """The maps of the samples at positions ``index`` (an int array, a slice or a bool mask)."""
+        return PixelMaps(
+            self.run, self.stream, self.dt, self.ticks, self.sample_id[index], self.action[index],
+            self.mean[index], self.variance[index], self.n_obs[index],
+        )
+
+
+# --- public functions ---------------------------------------------------------------------------------------
+def mask_ignored(loss: Any, target: Any, ignore_index: int = 255) -> np.ndarray:
+    """Per-pixel losses with NaN where ``target == ignore_index``, ready for ``run.log(ids, pixel=...)``.
+
+    ``loss``: (B, H, W) per-pixel losses (``F.cross_entropy(logits, y, reduction="none", ignore_index=255)``
+    gives 0 at ignored pixels, which would read as "learned perfectly"); ``target``: the (B, H, W) integer labels
+    it was computed from. Accepts numpy arrays and CPU tensors (anything with ``__array__`` or ``__dlpack__``;
+    tensors that require grad are detached); no framework is imported. Returns a new float32 array of
+    ``loss``'s shape; NaN already in ``loss`` stays NaN.
+
+    >>> mask_ignored(np.ones((1, 2, 2)), np.array([[[0, 255], [1, 1]]]))[0]
+    array([[ 1., nan],
+           [ 1.,  1.]], dtype=float32)
+    """
+    values = to_numpy(loss, "loss")
+    labels = to_numpy(target, "target")
+    if values.dtype.kind not in "fiu":
+        raise InvalidDTypeError(f"loss must hold real numbers, got dtype {values.dtype}")
+    if values.shape != labels.shape:
+        raise ShapeMismatchError(
+            f"loss has shape {values.shape} but target has {labels.shape}; pass the per-pixel loss "
+            "(reduction='none') and the label map it was computed from"
+        )
+    out = np.array(values, dtype=np.float32)
+    out[labels == ignore_index] = np.nan
+    return out
+
+
+def pixel_action(
+    ledger: Ledger, run: str, stream: str = "pixel", *, ids: Any = None, dt: Dt = "epoch", ticks: Any = None
+) -> PixelMaps:
+    """Action, mean and variance maps of the samples ``ids`` (default: every sample) of a dense stream.
+
+    ``ids`` may be in any order and repeat; the maps come back in that order. ``dt``: Δt per tick
+    (``"epoch"``, ``"step"``, ``"wall"``); ``ticks``: a window (slice or tick indices), default every committed
+    tick. NaN pixels are skipped; a pixel never observed is NaN (``n_obs`` 0).
+
+    Memory: the result, 16 B per pixel of each requested sample (``ids=None`` over a large ledger is
+    N x H x W x 16 B: use :func:`iter_pixel_action` or :func:`pixel_summary` there), plus one block
+    (``PIXEL_BUDGET_BYTES``). Only the chunks holding the requested samples are read.
+
+    >>> maps = pixel_action(ledger, "unet", ids=[3, 7])
+    >>> maps.action.shape             # (2, H, W)
+    """
+    src = _source(ledger, run, stream, dt, ticks, need_element=True)
+    if ids is None:
+        rows = np.arange(ledger.n_samples, dtype=np.int64)
+    else:
+        rows = ledger._index.rows(as_ids(ids))
+    unique, inverse = np.unique(rows, return_inverse=True)
+    parts = [state.maps() for _, state in _moments(src, unique)]
+    maps = {
+        name: np.concatenate([p[name] for p in parts]) if parts else np.empty((0, *src.element_shape), dtype)
+        for name, dtype in (("action", np.float32), ("mean", np.float32), ("variance", np.float32),
+                            ("n_obs", np.int32))
+    }
+    if not np.array_equal(unique, rows):  # np.unique sorted the rows: back to the caller's order and repeats
+        maps = {name: values[inverse] for name, values in maps.items()}
+    return PixelMaps(run, stream, dt, src.tick_index, ledger._samples.sample_id[rows], **maps)
+
+
+def iter_pixel_action(
+    ledger: Ledger, run: str, stream: str = "pixel", *, dt: Dt = "epoch", ticks: Any = None
+) -> Iterator[PixelMaps]:
+    """The maps of :func:`pixel_action` for every sample, block by block in ledger row order.
+
+    Each item holds the maps of a block of consecutive samples (whole stored chunks, at most
+    ``PIXEL_BUDGET_BYTES / (64 B x pixels)`` samples). Memory: one block, never all samples' maps.
+
+    >>> for block in iter_pixel_action(ledger, "unet"):
+    ...     np.save(f"action_{block.sample_id[0]}.npy", block.action)
+    """
+    src = _source(ledger, run, stream, dt, ticks, need_element=True)
+    for rows, state in _moments(src, None):
+        m = state.maps()
+        yield PixelMaps(run, stream, dt, src.tick_index, ledger._samples.sample_id[rows],
+                        m["action"], m["mean"], m["variance"], m["n_obs"])
+
+
+def pixel_summary(
+    ledger: Ledger,
+    run: str,
+    stream: str = "pixel",
+    *,
+    ids: Any = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    dt: Dt = "epoch",
+    ticks: Any = None,
+) -> pa.Table:
+    """One row per sample summarising its pixel maps; joins ``ledger.scores(run)`` on ``sample_id``.
+
+    Columns: ``sample_id`` (int64); ``action_mean`` (float64), the mean over observed pixels of the pixel
+    action (equal to ``ledger.scores(run, stream).action``); ``action_max``; ``variance_mean``, the mean
+    per-pixel variance (equal to ``scores.variance``); ``frac_above``, the fraction of observed pixels whose
+    mean loss over the observed ticks exceeds ``threshold`` (loss units, independent of ``dt``; default ln 2:
+    for cross-entropy, a pixel whose true class had on (geometric) average less than even odds);
+    ``n_valid_pixels`` (int64), pixels observed at least once. A sample with no observed pixel has NaN
+    statistics and 0 valid pixels. Rows: ``ids`` order, or every sample in ledger row order.
+
+    Memory: one block (``PIXEL_BUDGET_BYTES``) plus the O(N) result; never N x H x W.
+
+    >>> ledger.scores("unet", "loss").join(pixel_summary(ledger, "unet"), "sample_id")
+    """
+    src = _source(ledger, run, stream, dt, ticks, need_element=True)
+    rows_all = None if ids is None else ledger._index.rows(as_ids(ids))
+    unique = None if rows_all is None else np.unique(rows_all)
+    names = ("action_mean", "action_max", "variance_mean", "frac_above", "n_valid_pixels")
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    order: list[np.ndarray] = []
+    for rows, state in _moments(src, unique):
+        stats = state.summary(float(threshold))
+        for name in names:
+            parts[name].append(stats[name])
+        order.append(rows)
+    stats = {name: np.concatenate(p) if p else np.zeros(0) for name, p in parts.items()}
+    rows = np.concatenate(order) if order else np.zeros(0, np.int64)
+    if rows_all is not None:
+        pos = np.searchsorted(rows, rows_all)
+        stats = {name: values[pos] for name, values in stats.items()}
+        rows = rows_all
+    columns = {"sample_id": pa.array(ledger._samples.sample_id[rows], pa.int64())}
+    for name in names[:-1]:
+        columns[name] = pa.array(stats[name], pa.float64())
+    columns["n_valid_pixels"] = pa.array(stats["n_valid_pixels"].astype(np.int64), pa.int64())
+    return pa.table(columns)
+
+
+def pixel_class_action(
+    ledger: Ledger,
+    run: str,
+    stream: str = "pixel",
+    *,
+    labels: str | Any,
+    ids: Any = None,
+    ignore_index: int = 255,
+    classes: list[str] | tuple[str, ...] | None = None,
+    dt: Dt = "epoch",
+    ticks: Any = None,
+) -> pa.Table:
+    """Difficulty per ground-truth class of pixel: the action of the pixels of each class, as a table.
+
+    ``labels``: the label masks, either the name of a stream of ``run`` with the stream's element shape (each
+    sample's mask as logged at the last committed tick that logged it; NaN = void), or an (N, H, W) integer array in
+    ledger row order (row i is ``ledger.sample_ids[i]``; an ``np.load(..., mmap_mode="r")`` memmap keeps it on
+    disk). A pixel counts when its label is a class (>= 0, not ``ignore_index``, not NaN) and it was observed
+    at least once. ``classes``: class names (labels must then be < len(classes); every class gets a row).
+    ``ids``: restrict to these samples.
+
+    Returns one row per class, sorted: ``class`` (int32), ``name`` (when ``classes`` is given), ``n_pixels``,
+    ``n_samples`` (samples with at least one counted pixel of the class), ``action_mean``, ``action_std``
+    (population), ``action_max``, ``variance_mean`` (mean per-pixel variance over ticks), ``action_share``
+    (the class's share of the total action of all counted pixels). A class with no counted pixel has NaN.
+    Memory: one block plus its labels; O(classes) state.
+
+    >>> pixel_class_action(ledger, "unet", labels=np.load("val_labels.npy", mmap_mode="r"),
+    ...                    classes=CITYSCAPES_CLASSES).sort_by([("action_mean", "descending")])
+    """
+    src = _source(ledger, run, stream, dt, ticks, need_element=True)
+    if len(src.element_shape) != 2:
+        raise ShapeMismatchError(
+            f"stream {stream!r} has element shape {src.element_shape}; per-class difficulty needs (H, W) pixel "
+            "maps and (H, W) label masks"
+        )
+    label_source = _labels_source(ledger, run, labels, src.element_shape, "labels")
+    rows = None if ids is None else np.unique(ledger._index.rows(as_ids(ids)))
+    acc = _ClassStats()
+    for block_rows, state in _moments(src, rows):
+        lab = label_source(block_rows)
+        action, variance = state.action_variance()
+        valid = (state.n > 0) & ~np.isnan(lab) & (lab >= 0) & (lab != ignore_index)
+        codes = lab[valid].astype(np.int64)
+        if classes is not None and codes.size and codes.max() >= len(classes):
+            raise ShapeMismatchError(
+                f"labels hold class {int(codes.max())} but classes= names {len(classes)}; pass every class name "
+                f"or mark the pixel ignored with ignore_index={ignore_index}"
+            )
+        sample_of = np.broadcast_to(np.arange(len(block_rows))[:, None, None], valid.shape)[valid]
+        acc.update(codes, action[valid], variance[valid], sample_of)
+    return acc.table(classes)
+
+
+def pca_embedding(
+    ledger: Ledger,
+    run: str,
+    stream: str = "pixel",
+    *,
+    n_components: int = 2,
+    of: Literal["map", "curve"] = "map",
+    grid: tuple[int, int] | None = None,
+    max_features: int = 1024,
+    dt: Dt = "epoch",
+    ticks: Any = None,
+) -> pa.Table:
+    """PCA of per-sample action maps (``of="map"``) or loss curves (``of="curve"``), one row per sample.
+
+    Features: ``"map"``, the sample's pixel action map averaged over the cells of a ``grid`` (default: the
+    finest grid with the map's aspect and at most ``max_features`` cells; cells with no observed pixel are
+    missing); ``"curve"``, the loss at each scanned tick (scalar streams) or its mean over the observed pixels
+    (dense streams; ``dt`` is then unused). Missing features are replaced by the feature's mean (mean
+    imputation); samples with no observed feature are left out of the fit.
+
+    Returns ``sample_id``, ``pc1`` ... ``pc{n_components}`` (float64, NaN for samples left out), in ledger row
+    order. Each component's sign makes its largest loading positive. Schema metadata ``lossledger`` (JSON):
+    ``explained_variance``, ``explained_variance_ratio``, ``n_fit``, ``n_features``, ``of``, ``grid``.
+
+    Out of core: one pass over the ledger writes the (N, features) float32 matrix to a temporary file (RAM if
+    under 64 MB), then its exact covariance is accumulated block by block (numpy, float64) and diagonalised.
+    Memory: one block, plus features² x 8 B for the covariance (8 MB at 1024 features).
+
+    >>> emb = pca_embedding(ledger, "unet", n_components=2)
+    >>> ledger.scores("unet", "pixel").join(emb, "sample_id")
+    """
+    if not isinstance(n_components, int) or isinstance(n_components, bool) or n_components < 1:
+        raise ShapeMismatchError(f"n_components must be a positive integer, got {n_components!r}")
+    if of not in ("map", "curve"):
+        raise ShapeMismatchError(f"of must be 'map' (pixel action maps) or 'curve' (loss per tick), got {of!r}")
+    src = _source(ledger, run, stream, dt, ticks, need_element=False)
+    n = ledger.n_samples
+    cells: tuple[int, int] | None = None
+    if of == "map":
+        if len(src.element_shape) != 2:
+            raise ShapeMismatchError(
+                f"of='map' pools (H, W) maps but stream {stream!r} has element shape {src.element_shape}; use "
+                "of='curve'"
+            )
+        cells = _grid(src.element_shape, grid, max_features)
+        n_features = cells[0] * cells[1]
+    else:
+        n_features = int(src.tick_index.size)
+    if n_features == 0:
+        raise ShapeMismatchError(f"no features to embed: the window holds {src.tick_index.size} tick(s)")
+    if n_features > _MAX_PCA_FEATURES:
+        raise ShapeMismatchError(
+            f"{n_features} features exceed {_MAX_PCA_FEATURES}; choose a coarser grid= or a shorter window"
+        )
+    with tempfile.TemporaryDirectory(prefix="lossledger-pca-") as tmp:
+        if n * n_features * 4 <= PIXEL_BUDGET_BYTES:
+            features = np.empty((n, n_features), np.float32)
+        else:
+            features = np.lib.format.open_memmap(f"{tmp}/features.npy", "w+", np.float32, (n, n_features))
+        if cells is not None:
+            for rows, state in _moments(src, None):
+                features[rows] = _pool(state.action_variance()[0], cells)
+        else:
+            for block_rows, positions, values, _ in _slabs(src, None):
+                if values.ndim > 2:
+                    values = _nanmean_elements(values)
+                features[block_rows[:, None], positions[None, :]] = values.T
+        scores, variance, ratio, n_fit = _pca(features, n_components)
+        del features
+    columns = {"sample_id": pa.array(ledger._samples.sample_id, pa.int64())}
+    for j in range(n_components):
+        columns[f"pc{j + 1}"] = pa.array(scores[:, j], pa.float64())
+    meta = {"explained_variance": variance.tolist(), "explained_variance_ratio": ratio.tolist(), "n_fit": n_fit,
+            "n_features": n_features, "of": of, "grid": list(cells) if cells else None}
+    return pa.table(columns).replace_schema_metadata({b"lossledger": json.dumps(meta).encode()})
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Source:
+    array: zarr.Array
+    element_shape: tuple[int, ...]
+    tick_index: np.ndarray  # (t,) sorted unique tick positions
+    dts: np.ndarray  # (t,) Δt of those ticks
+    n: int
+    per_chunk: int
+
+
+def _source(ledger: Ledger, run: str, stream: str, dt: str, ticks: Any, *, need_element: bool) -> _Source:
+    if dt not in DT_MODES:
+        raise ShapeMismatchError(f"dt must be one of {list(DT_MODES)} (Δt per tick), got {dt!r}")
+    commit = read_run_attrs(ledger._io, run)["commit"]
+    streams = commit["streams"]
+    if stream not in streams:
+        raise UnknownStreamError(
+            f"run {run!r} has no committed stream {stream!r}; its streams are {sorted(streams)} (log per-pixel "
+            f"losses with run.log(ids, {stream}=loss_maps))"
+        )
+    element_shape = tuple(int(d) for d in streams[stream]["element_shape"])
+    if need_element and not element_shape:
+        raise ShapeMismatchError(
+            f"stream {stream!r} of run {run!r} holds one value per sample; pixel maps need a dense stream with "
+            "element shape (H, W) (for per-sample scores use ledger.scores)"
+        )
+    n_ticks = commit["ticks"]
+    tick_index = np.unique(tick_positions(ticks, n_ticks))
+    rows = read_ticks(ledger._io, run, commit)
+    dts = tick_durations(dt, rows["step"], rows["wall"])[tick_index] if n_ticks else np.zeros(0)
+    array = ledger._io.open_array(stream_key(run, stream))
+    return _Source(array, element_shape, tick_index, dts, int(array.shape[1]), int(array.chunks[1]))
+
+
+def _block_width(src: _Source) -> int:
+    """Samples per block: whole chunks whose state fits the budget (at least one chunk)."""
+    fit = PIXEL_BUDGET_BYTES // max(1, _STATE_BYTES * _size(src.element_shape))
+    return max(src.per_chunk, fit // src.per_chunk * src.per_chunk)
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
+def _slabs(src: _Source, rows: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray, bool, bool]]:
+    """``(block_rows, positions, values, block_end)``: values (g, b, *element) float32 of the sample rows
+    ``block_rows`` (sorted) at the tick positions ``positions``; every block's slabs come in tick order.
+
+    ``rows=None`` (every sample) goes through the package's scan engine (:func:`lossledger._scan.scan`, two
+    slabs in memory at most), with a budget that keeps a block at most :func:`_block_width` samples wide; a
+    subset reads only the chunks holding its rows, one block of whole chunks at a time.
+    """
+    element_bytes = 4 * _size(src.element_shape)
+    n_ticks = int(src.tick_index.size)
+    width = _block_width(src)
+    if n_ticks == 0:  # nothing to read: one empty slab per block, so that every sample still gets a state
+        for lo, hi, sel in _plan(src, rows, width):
+            block_rows = np.arange(lo, hi, dtype=np.int64) if sel is None else sel + lo
+            yield block_rows, np.zeros(0, np.int64), np.empty((0, block_rows.size, *src.element_shape), np.float32), True
+        return
+    if rows is None:
+        budget = max(2 * element_bytes, min(PIXEL_BUDGET_BYTES, 2 * n_ticks * width * element_bytes))
+        for slab in scan(src.array, src.tick_index, budget_bytes=budget):
+            yield np.arange(slab.lo, slab.hi, dtype=np.int64), slab.ticks, slab.values, slab.block_end
+        return
+    runs = _tick_runs(src.tick_index)
+    for lo, hi, sel in _plan(src, rows, width):
+        per_slab = max(1, min(n_ticks, PIXEL_BUDGET_BYTES // max(1, (hi - lo) * element_bytes)))
+        for start in range(0, n_ticks, per_slab):
+            stop = min(n_ticks, start + per_slab)
+            values = _read(src.array, src.tick_index, runs, start, stop, lo, hi)
+            if sel.size != hi - lo:
+                values = values[:, sel]
+            yield sel + lo, np.arange(start, stop), values, stop == n_ticks
+
+
+def _plan(src: _Source, rows: np.ndarray | None, width: int) -> Iterator[tuple[int, int, np.ndarray | None]]:
+    """Blocks ``(lo, hi, sel)``: read rows lo..hi (whole chunks), keep offsets ``sel`` (sorted), or all if None."""
+    per_chunk, n = src.per_chunk, src.n
+    if rows is None:
+        for lo in range(0, n, width):
+            yield lo, min(n, lo + width), None
+        return
+    i = 0
+    while i < rows.size:
+        lo = int(rows[i]) // per_chunk * per_chunk
+        j = int(np.searchsorted(rows, lo + width, side="left"))
+        hi = min(n, (int(rows[j - 1]) // per_chunk + 1) * per_chunk)
+        yield lo, hi, rows[i:j] - lo
+        i = j
+
+
+def _tick_runs(tick_index: np.ndarray) -> list[tuple[int, int]]:
+    """Positions of a sorted tick list split into runs of consecutive ticks: [(pos_start, pos_stop)]."""
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(tick_index) != 1) + 1, [tick_index.size]])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _read(
+    array: zarr.Array, tick_index: np.ndarray, runs: list[tuple[int, int]], start: int, stop: int, lo: int, hi: int
+) -> np.ndarray:
+    """Rows lo..hi at tick positions start..stop as float32; basic slices (Zarr decodes whole chunks)."""
+    parts = []
+    for a, b in runs:
+        a, b = max(a, start), min(b, stop)
+        if a < b:
+            t0 = int(tick_index[a])
+            parts.append(array[t0 : t0 + (b - a), lo:hi])
+    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return values.astype(np.float32, copy=False)
+
+
+def _moments(src: _Source, rows: np.ndarray | None) -> Iterator[tuple[np.ndarray, _PixelMoments]]:
+    """``(rows, state)`` per block: the block's sample rows (sorted) and its accumulated per-pixel state."""
+    state: _PixelMoments | None = None
+    for block_rows, positions, values, block_end in _slabs(src, rows):
+        if state is None:
+            state = _PixelMoments((block_rows.size, *src.element_shape))
+        state.update(values, src.dts[positions])
+        if block_end:
+            yield block_rows, state
+            state = None
+
+
+def _labels_source(ledger: Ledger, run: str, labels: Any, element_shape: tuple[int, ...], what: str):
+    """A function: sample rows (sorted) -> their (b, H, W) float64 label masks (NaN = void)."""
+    if isinstance(labels, str):
+        src = _source(ledger, run, labels, "epoch", None, need_element=True)
+        if src.element_shape != element_shape:
+            raise ShapeMismatchError(
+                f"{what} stream {labels!r} has element shape {src.element_shape}, the maps {element_shape}"
+            )
+        return lambda rows: _last_observed(src, rows)
+    array = labels if isinstance(labels, np.ndarray) else to_numpy(labels, what)
+    if array.dtype.kind not in "iuf":
+        raise InvalidDTypeError(f"{what} must be integer class indices, got dtype {array.dtype}")
+    if array.shape != (ledger.n_samples, *element_shape):
+        raise ShapeMismatchError(
+            f"{what} must have shape {(ledger.n_samples, *element_shape)} (one mask per sample of the ledger, in "
+            f"ledger row order), got {array.shape}"
+        )
+    return lambda rows: np.asarray(array[rows], dtype=np.float64)
+
+
+def _last_observed(src: _Source, rows: np.ndarray) -> np.ndarray:
+    """(b, *element) float64: each sample's values at the last tick it was logged (any element not NaN)."""
+    out = np.full((rows.size, *src.element_shape), np.nan)
+    axes = tuple(range(1, 1 + len(src.element_shape)))
+    for block_rows, _, values, _ in _slabs(src, rows):
+        at = np.searchsorted(rows, block_rows)
+        for g in range(values.shape[0]):  # ticks in increasing order: the newest logged mask wins
+            logged = ~np.isnan(values[g]).all(axis=axes)
+            out[at[logged]] = values[g][logged]
+    return out
+
+
+class _PixelMoments:
+    """Per-pixel running n, action, mean and M2 of one block (Welford, one tick at a time), float64."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.n = np.zeros(shape, np.int32)
+        self.action = np.zeros(shape, np.float64)
+        self.mean = np.zeros(shape, np.float64)
+        self.m2 = np.zeros(shape, np.float64)
+
+    def update(self, values: np.ndarray, dts: np.ndarray) -> None:
+        for g in range(values.shape[0]):
+            v = values[g].astype(np.float64)
+            valid = ~np.isnan(v)
+            v[~valid] = 0.0
+            self.n += valid
+            self.action += v if dts[g] == 1.0 else v * dts[g]
+            delta = v - self.mean
+            delta *= valid  # unobserved: no change to mean and M2
+            self.mean += delta / np.maximum(self.n, 1)
+            self.m2 += delta * (v - self.mean)
+
+    def action_variance(self) -> tuple[np.ndarray, np.ndarray]:
+        """float64 action and variance maps, NaN where never observed."""
+        seen = self.n > 0
+        action = np.where(seen, self.action, np.nan)
+        variance = np.divide(self.m2, self.n, out=np.full(self.n.shape, np.nan), where=seen)
+        return action, variance
+
+    def maps(self) -> dict[str, np.ndarray]:
+        action, variance = self.action_variance()
+        mean = np.where(self.n > 0, self.mean, np.nan)
+        return {"action": action.astype(np.float32), "mean": mean.astype(np.float32),
+                "variance": variance.astype(np.float32), "n_obs": self.n.copy()}
+
+    def summary(self, threshold: float) -> dict[str, np.ndarray]:
+        axes = tuple(range(1, self.n.ndim))
+        seen = self.n > 0
+        n_valid = seen.sum(axis=axes)
+        has = n_valid > 0
+        action, variance = self.action_variance()
+
+        def mean_over(values: np.ndarray) -> np.ndarray:
+            total = np.where(seen, values, 0.0).sum(axis=axes)
+            return np.divide(total, n_valid, out=np.full(total.shape, np.nan), where=has)
+
+        above = (seen & (self.mean > threshold)).sum(axis=axes)
+        return {
+            "action_mean": mean_over(action),
+            "action_max": np.where(has, np.where(seen, action, -np.inf).max(axis=axes), np.nan),
+            "variance_mean": mean_over(variance),
+            "frac_above": np.divide(above, n_valid, out=np.full(above.shape, np.nan), where=has),
+            "n_valid_pixels": n_valid,
+        }
+
+
+class _ClassStats:
+    """Per-class count, mean and M2 of pixel action (Chan's merge per block), max, variance sum, samples."""
+
+    def __init__(self) -> None:
+        self.n = np.zeros(0, np.int64)
+        self.mean = np.zeros(0)
+        self.m2 = np.zeros(0)
+        self.max = np.zeros(0)
+        self.var_sum = np.zeros(0)
+        self.samples = np.zeros(0, np.int64)
+
+    def _grow(self, k: int) -> None:
+        if k > self.n.size:
+            pad = k - self.n.size
+            self.n = np.concatenate([self.n, np.zeros(pad, np.int64)])
+            self.mean = np.concatenate([self.mean, np.zeros(pad)])
+            self.m2 = np.concatenate([self.m2, np.zeros(pad)])
+            self.max = np.concatenate([self.max, np.full(pad, -np.inf)])
+            self.var_sum = np.concatenate([self.var_sum, np.zeros(pad)])
+            self.samples = np.concatenate([self.samples, np.zeros(pad, np.int64)])
+
+    def update(self, codes: np.ndarray, action: np.ndarray, variance: np.ndarray, sample_of: np.ndarray) -> None:
+        if codes.size == 0:
+            return
+        k = int(codes.max()) + 1
+        self._grow(k)
+        count = np.bincount(codes, minlength=k)
+        total = np.bincount(codes, weights=action, minlength=k)
+        bmean = np.divide(total, count, out=np.zeros(k), where=count > 0)
+        bm2 = np.bincount(codes, weights=(action - bmean[codes]) ** 2, minlength=k)
+        n_old = self.n[:k]
+        both = n_old + count
+        delta = bmean - self.mean[:k]
+        share = np.divide(count, both, out=np.zeros(k), where=both > 0)
+        self.m2[:k] += bm2 + delta**2 * n_old * share
+        self.mean[:k] += delta * share
+        self.n[:k] = both
+        np.maximum.at(self.max, codes, action)
+        self.var_sum[:k] += np.bincount(codes, weights=variance, minlength=k)
+        present = np.unique(sample_of * k + codes)  # (sample, class) pairs of this block
+        self.samples[:k] += np.bincount(present % k, minlength=k)
+
+    def table(self, classes: list[str] | tuple[str, ...] | None) -> pa.Table:
+        self._grow(0 if classes is None else len(classes))
+        keep = np.arange(self.n.size) if classes is not None else np.flatnonzero(self.n > 0)
+        n = self.n[keep]
+        has = n > 0
+        nan = lambda values: np.where(has, values, np.nan)  # noqa: E731
+        total = float((self.mean[keep] * n).sum())
+        columns: dict[str, pa.Array] = {"class": pa.array(keep.astype(np.int32), pa.int32())}
+        if classes is not None:
+            columns["name"] = pa.array([str(classes[i]) for i in keep], pa.string())
+        columns["n_pixels"] = pa.array(n, pa.int64())
+        columns["n_samples"] = pa.array(self.samples[keep], pa.int64())
+        columns["action_mean"] = pa.array(nan(self.mean[keep]), pa.float64())
+        columns["action_std"] = pa.array(nan(np.sqrt(np.divide(self.m2[keep], np.maximum(n, 1)))), pa.float64())
+        columns["action_max"] = pa.array(nan(self.max[keep]), pa.float64())
+        columns["variance_mean"] = pa.array(nan(self.var_sum[keep] / np.maximum(n, 1)), pa.float64())
+        share = self.mean[keep] * n / total if total != 0 else np.full(keep.size, np.nan)
+        columns["action_share"] = pa.array(nan(share), pa.float64())
+        return pa.table(columns)
+
+
+# --- PCA ----------------------------------------------------------------------------------------------------
+def _grid(shape: tuple[int, ...], grid: tuple[int, int] | None, max_features: int) -> tuple[int, int]:
+    h, w = shape
+    if grid is None:
+        if max_features < 1:
+            raise ShapeMismatchError(f"max_features must be positive, got {max_features}")
+        f = max(1, math.ceil(math.sqrt(h * w / max_features)))
+        return max(1, h // f), max(1, w // f)
+    gh, gw = (int(g) for g in grid)
+    if not (1 <= gh <= h and 1 <= gw <= w):
+        raise ShapeMismatchError(f"grid {grid} must lie between (1, 1) and the map shape {(h, w)}")
+    return gh, gw
+
+
+def _pool(maps: np.ndarray, cells: tuple[int, int]) -> np.ndarray:
+    """(b, H, W) maps with NaN -> (b, gh * gw): the mean of the observed pixels of each cell, NaN if none."""
+    b, h, w = maps.shape
+    eh = np.linspace(0, h, cells[0] + 1).astype(np.int64)[:-1]
+    ew = np.linspace(0, w, cells[1] + 1).astype(np.int64)[:-1]
+    seen = ~np.isnan(maps)
+    sums = np.add.reduceat(np.add.reduceat(np.where(seen, maps, 0.0), eh, axis=1), ew, axis=2)
+    counts = np.add.reduceat(np.add.reduceat(seen.astype(np.int64), eh, axis=1), ew, axis=2)
+    return np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0).reshape(b, -1)
+
+
+def _nanmean_elements(values: np.ndarray) -> np.ndarray:
+    """(g, b, *element) -> (g, b): mean over each element's observed values, NaN if none."""
+    flat = values.reshape(values.shape[0], values.shape[1], -1)
+    seen = ~np.isnan(flat)
+    count = seen.sum(axis=2)
+    total = np.where(seen, flat, 0.0).sum(axis=2, dtype=np.float64)
+    return np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0)
+
+
+def _pca(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Mean-imputed PCA of the rows of ``features`` (N, D) with NaN, block by block.
+
+    Returns scores (N, k) (NaN rows for samples without any feature), explained variance (k,) and its
+    ratio (k,), and the number of samples fitted.
+    """
+    n, d = features.shape
+    step = max(1, PIXEL_BUDGET_BYTES // (8 * d * 4))
+    count = np.zeros(d, np.int64)
+    total = np.zeros(d)
+    fitted = np.zeros(n, bool)
+    for lo in range(0, n, step):
+        block = np.asarray(features[lo : lo + step], dtype=np.float64)
+        seen = ~np.isnan(block)
+        fitted[lo : lo + step] = seen.any(axis=1)
+        count += seen.sum(axis=0)
+        total += np.where(seen, block, 0.0).sum(axis=0)
+    mean = np.divide(total, count, out=np.zeros(d), where=count > 0)
+    n_fit = int(fitted.sum())
+    cov = np.zeros((d, d))
+    for lo in range(0, n, step):
+        centered = _centered(features[lo : lo + step], mean, fitted[lo : lo + step])
+        cov += centered.T @ centered
+    cov /= max(1, n_fit - 1)
+    eigval, eigvec = np.linalg.eigh(cov)
+    order = np.argsort(eigval)[::-1][:k]
+    eigval, eigvec = np.maximum(eigval[order], 0.0), eigvec[:, order]
+    flip = np.sign(eigvec[np.abs(eigvec).argmax(axis=0), np.arange(eigvec.shape[1])])
+    eigvec = eigvec * np.where(flip == 0, 1.0, flip)
+    trace = float(np.trace(cov))
+    ratio = eigval / trace if trace > 0 else np.full(eigval.shape, np.nan)
+    scores = np.full((n, k), np.nan)
+    for lo in range(0, n, step):
+        rows = fitted[lo : lo + step]
+        centered = _centered(features[lo : lo + step], mean, rows)
+        part = np.full((rows.size, k), np.nan)
+        part[:, : eigvec.shape[1]] = centered @ eigvec
+        part[~rows] = np.nan
+        scores[lo : lo + step] = part
+    if eigvec.shape[1] < k:  # more components asked than features: the extra ones are missing
+        eigval = np.concatenate([eigval, np.full(k - eigval.size, np.nan)])
+        ratio = np.concatenate([ratio, np.full(k - ratio.size, np.nan)])
+    return scores, eigval, ratio, n_fit
+
+
+def _centered(block: np.ndarray, mean: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+    """Rows minus the feature means, missing features 0 (mean imputation), rows not fitted all 0."""
+    out = np.asarray(block, dtype=np.float64) - mean
+    out[np.isnan(out)] = 0.0
+    out[~fitted] = 0.0
+    return out
