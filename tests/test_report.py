@@ -1,0 +1,237 @@
+"""``write_report``: a real ledger (an MLP on digits with flipped labels, two runs) rendered in headless Chromium.
+
+The report is checked as a browser sees it (every image decoded, nothing fetched), against the ledger's own
+numbers, and for what it promises: thumbnails of the right samples upscaled with nearest neighbour, a note
+where a section cannot be computed, an atomic write, and curves read only for the samples shown.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lossledger as ll
+from lossledger.analysis import flag_noisy, memorization_window
+from lossledger.errors import OutputPathError, ShapeMismatchError, UnknownStreamError
+
+pytest.importorskip("sklearn", reason="the report test trains on scikit-learn's digits")
+pytest.importorskip("matplotlib", reason="the report draws with matplotlib: pip install 'lossledger[report]'")
+from PIL import Image  # Pillow: a dependency of matplotlib
+from sklearn.datasets import load_digits
+
+from lossledger.demo_training import load_data, train
+from lossledger.report import write_report
+
+RUN, SECOND = "mlp-s0", "mlp-s1"
+HEADINGS = ["Summary", "Per-class difficulty", "Hardest samples", "Easiest samples",
+            "Loss curves of the hardest samples", "Loss-curve clusters", "Noisy-label candidates",
+            "Memorization window", "Run correlations"]
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory: pytest.TempPathFactory) -> ll.Ledger:
+    """15 epochs of the demo's MLP on digits (20% flipped), and a second seed logged as a second run."""
+    tmp = tmp_path_factory.mktemp("report")
+    data = load_data(noise=0.2, seed=0)
+    ledger = train(data, tmp / "digits.ll", epochs=15, seed=0, run=RUN)
+    losses = train(data, tmp / "second.ll", epochs=10, seed=1, run=SECOND).trajectories(SECOND, "loss")
+    with ledger.run(SECOND, seed=1) as run:
+        for t in range(losses.shape[1]):
+            run.log(ledger.sample_ids, loss=losses[:, t])
+            run.end_epoch()
+    return ledger
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    """(1797, 8, 8) grey levels 0..16, in the ledger's row order (load_data keeps scikit-learn's order)."""
+    return load_digits().images
+
+
+class _Page(HTMLParser):
+    """Headings, images (attributes) and every src/href of a page."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.h2: list[str] = []
+        self.images: list[dict[str, str]] = []
+        self.links: list[str] = []
+        self.tags: set[str] = set()
+        self._in_h2 = False
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        self.tags.add(tag)
+        self._in_h2 = tag == "h2"
+        if tag == "img":
+            self.images.append(a)
+        self.links += [a[k] for k in ("src", "href") if k in a]
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_h2 = False if tag == "h2" else self._in_h2
+
+    def handle_data(self, data: str) -> None:
+        if self._in_h2:
+            self.h2.append(data)
+
+
+def _png(src: str) -> np.ndarray:
+    assert src.startswith("data:image/png;base64,"), src[:40]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("L"))
+
+
+def _section(text: str, key: str) -> str:
+    return re.search(rf'<section id="{key}">(.*?)</section>', text, re.DOTALL).group(1)
+
+
+def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    # No network at all: an external resource could not load even if the page asked for one.
+    command = [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars",
+               f"--user-data-dir={tmp / 'chromium-profile'}", "--host-resolver-rules=MAP * ~NOTFOUND",
+               "--virtual-time-budget=10000", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_report_renders_in_chromium_with_every_figure_and_thumbnail(ledger, digits, tmp_path):
+    out = write_report(ledger, tmp_path / "report.html", images=digits)
+    assert out == tmp_path / "report.html"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.html"]  # the temp file was renamed, not left
+    text = out.read_text()
+    page = _Page(text)
+    assert page.h2 == HEADINGS
+    # Self-contained: every src/href is inline data or an anchor; no script, stylesheet link or CSS url().
+    assert page.links and all(link.startswith(("data:image/png;base64,", "#")) for link in page.links)
+    assert not any(link.startswith(("http:", "https:", "//")) for link in page.links)
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:|//)""", text)
+    assert not {"script", "link", "iframe", "object"} & page.tags and "url(" not in text
+
+    plots = [i for i in page.images if i.get("class") == "plot"]
+    clusters_installed = importlib.util.find_spec("lossledger.analysis.clusters") is not None
+    assert len(plots) == 5 + clusters_installed  # classes, curves, [clusters], noisy, window, correlations
+    assert ("Not computed" in _section(text, "clusters")) is not clusters_installed
+    for key in ("classes", "hardest", "easiest", "curves", "noisy", "window", "correlations"):
+        assert "Not computed" not in _section(text, key), key
+    for image in plots:
+        pixels = _png(image["src"])
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 400 and pixels.std() > 10  # drawn, not blank
+
+    # Galleries: thumbnails of the ranked samples, in order, 8x8 upscaled 12x with nearest neighbour.
+    thumbs = [i for i in page.images if i.get("class") == "thumb"]
+    assert len(thumbs) == 16 + 16 + 16  # hardest, easiest, noisy-label candidates
+    hard = ledger.top(16, RUN)["sample_id"].to_pylist()
+    easy = ledger.top(16, RUN, hardest=False)["sample_id"].to_pylist()
+    assert [t["alt"] for t in thumbs[:32]] == [f"sample {i}" for i in hard + easy]
+    candidates = flag_noisy(ledger, RUN, ticks=memorization_window(ledger, RUN).ticks).table["sample_id"].to_pylist()
+    shown = digits[hard + easy + candidates[:16]]  # the grey range is that of the images shown
+    lo, hi = min(shown.min(), 0.0), shown.max()
+    for thumb in thumbs[:32]:
+        pixels = _png(thumb["src"]).astype(float)
+        assert pixels.shape == (96, 96)
+        blocks = pixels[::12, ::12]
+        assert np.array_equal(np.kron(blocks, np.ones((12, 12))), pixels)  # nearest: constant 12x12 blocks
+        row = int(thumb["alt"].split()[1])  # ids are rows in this ledger
+        assert np.abs(blocks - 255 * (digits[row] - lo) / (hi - lo)).max() <= 1.5  # the right digit, grey levels kept
+
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium): the browser rendering was not checked")
+    # In the browser: a probe (added to a copy) records whether each image decoded.
+    probe = tmp_path / "probe.html"
+    probe.write_text(text.replace("</body>", "<script>window.addEventListener('load', () => document.body.setAttribute("
+                                  "'data-probe', JSON.stringify([...document.images].map(i => [i.complete, "
+                                  "i.naturalWidth, i.naturalHeight]))));</script></body>"))
+    dom = _chromium("--dump-dom", probe.as_uri(), tmp=tmp_path)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    found = re.search(r'data-probe="([^"]*)"', dom.stdout)
+    assert found, dom.stdout[:500]
+    loaded = json.loads(found.group(1).replace("&quot;", '"'))
+    assert len(loaded) == len(page.images) and all(ok and w > 0 and h > 0 for ok, w, h in loaded), loaded
+    shot = tmp_path / "report.png"
+    result = _chromium(f"--screenshot={shot}", "--window-size=1280,4000", out.as_uri(), tmp=tmp_path)
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (4000, 1280)
+    assert (pixels < 128).mean() > 0.03  # text, figures and thumbnails: not an empty page
+    print(f"screenshot: {shot}")
+
+
+def test_report_numbers_are_the_ledgers_and_missing_parts_say_why(ledger, digits, tmp_path, monkeypatch):
+    # The clusters module made absent: its section must say so, not draw something else.
+    monkeypatch.setitem(sys.modules, "lossledger.analysis.clusters", None)
+    reads: list[int] = []
+    trajectories = ll.Ledger.trajectories
+
+    def counted(self, run, stream="loss", ids=None, ticks=None):
+        reads.append(-1 if ids is None else len(ids))
+        return trajectories(self, run, stream, ids, ticks)
+
+    monkeypatch.setattr(ll.Ledger, "trajectories", counted)
+    flat = tmp_path / "digits.npz"
+    np.savez(flat, x=load_data(noise=0.0).x)  # (N, 64) in [0, 1]: flat square images, from a file
+    out = write_report(str(ledger.path), tmp_path / "r.html", runs=[RUN], images=flat, top=5)
+    text = out.read_text()
+    assert _Page(text).h2 == HEADINGS
+    assert "no lossledger.analysis.clusters module" in _section(text, "clusters")
+    assert "Not computed: correlations need at least two runs" in _section(text, "correlations")
+    assert "the first of 2 runs" in _section(text, "summary") and "1,797" in _section(text, "summary")
+    assert reads and min(reads) >= 0 and sum(reads) <= 2 * 5  # curves of the 5 hardest and 5 easiest only
+    thumbs = [i for i in _Page(text).images if i.get("class") == "thumb"]
+    assert len(thumbs) == 15 and all(_png(t["src"]).shape == (96, 96) for t in thumbs)
+
+    window = memorization_window(ledger, RUN)
+    noisy = flag_noisy(ledger, RUN, ticks=window.ticks)
+    section = _section(text, "noisy")
+    assert f"{noisy.threshold:.6g}" in section
+    assert f"{len(noisy.flagged_ids):,} of {noisy.table.num_rows:,} candidates" in section
+    assert f"ticks {window.start}..{window.stop - 1}" in section
+    first = re.findall(r"<td class=\"num\">(\d+)</td><td class=\"num\">(\d+)</td>", section)[0]
+    assert int(first[1]) == noisy.table["sample_id"][0].as_py()
+    hardest = ledger.top(5, RUN)
+    assert re.findall(r"#1 id (\d+)", _section(text, "hardest")) == [str(hardest["sample_id"][0].as_py())]
+    assert f"action {hardest['action'][0].as_py():.4g}" in _section(text, "hardest")
+    labels = ledger.samples["label"].to_numpy()
+    action = ledger.scores(RUN)["action"].to_numpy()
+    worst = max(range(10), key=lambda c: np.median(action[labels == c]))
+    row = re.search(r"<tbody><tr><td>(\d)</td><td class=\"num\">(\d+)</td><td class=\"num\">([\d.]+)</td>",
+                    _section(text, "classes"))
+    assert (int(row.group(1)), int(row.group(2))) == (worst, int((labels == worst).sum()))
+    assert float(row.group(3)) == pytest.approx(action[labels == worst].mean(), rel=1e-3)
+
+    # Two runs: Table 1's overall r is the ledger's.
+    text = write_report(ledger, tmp_path / "r2.html", top=3).read_text()
+    r = ledger.correlate([RUN, SECOND], by_class=False)["r"][0].as_py()
+    assert f'<td>{RUN} vs {SECOND}</td><td class="num">{r:.4g}</td>' in _section(text, "correlations")
+    assert "<table" in _section(text, "hardest") and 'class="thumb"' not in text  # no images: ids, labels, action
+
+
+def test_report_refuses_bad_input_and_leaves_an_existing_file_untouched(ledger, digits, tmp_path, monkeypatch):
+    out = tmp_path / "report.html"
+    out.write_text("old")
+    with pytest.raises(ShapeMismatchError, match="one image per sample"):
+        write_report(ledger, out, images=digits[:10])
+    with pytest.raises(ShapeMismatchError, match="positive integer"):
+        write_report(ledger, out, top=0)
+    with pytest.raises(UnknownStreamError, match="pass stream="):
+        write_report(ledger, out, stream="nope")
+    with pytest.raises(ShapeMismatchError, match="not a square number"):
+        write_report(ledger, out, images=np.zeros((ledger.n_samples, 10)))
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
+    with pytest.raises(OutputPathError, match="does not exist"):
+        write_report(ledger, tmp_path / "missing" / "report.html")
+    with pytest.raises(OutputPathError, match="is a folder"):
+        write_report(ledger, tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"lossledger\[report\]"):
+        write_report(ledger, out)
