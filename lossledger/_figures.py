@@ -140,6 +140,8 @@ def curve_grid(
             ax.axvspan(window_stop, x[-1], color="#999999", alpha=0.12, linewidth=0)
         if log:
             ax.set_yscale("log")
+        if x.size > 1:
+            ax.set_xlim(x[0], x[-1])
         ax.set_title(titles[i], fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
