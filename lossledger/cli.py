@@ -47,6 +47,14 @@ def _compare(args: argparse.Namespace) -> int:
     return _emit(table, args)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report  # matplotlib only for this command
+
+    path = write_report(args.path, args.output, run=args.run, images=args.images, stream=args.stream, top=args.top)
+    print(f"wrote {path}")
+    return 0
+
+
 def _fractions(text: str) -> list[float]:
     try:
         return [float(q) for q in text.split(",")]
@@ -133,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output(compare)
     compare.set_defaults(handler=_compare)
 
+    report = commands.add_parser("report", help="write a self-contained HTML report of a run (figures embedded)")
+    report.add_argument("path", help="the ledger folder")
+    report.add_argument("output", help="the .html file to write (replaced atomically)")
+    report.add_argument("--run", help="the run (default: the only run, or the first by name)")
+    report.add_argument("--images", help="an .npz (key x) or .npy of images, one per sample in ledger order")
+    report.add_argument("--stream", default="loss", help="the stream to score (default: loss)")
+    report.add_argument("--top", type=int, default=16, help="samples in each gallery (default: 16)")
+    report.set_defaults(handler=_report)
+
     export = commands.add_parser("export", help="write the scores of runs, joined with the samples, to parquet")
     export.add_argument("path", help="the ledger folder")
     export.add_argument("output", help="the parquet file to write (replaced atomically)")
@@ -155,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except LedgerError as err:
+        print(f"lossledger {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except ImportError as err:
         print(f"lossledger {args.command}: error: {err}", file=sys.stderr)
         return 1
     except duckdb.Error as err:

@@ -18,6 +18,7 @@ from ._render import render_text
 from .analysis import detection_table, flag_noisy, memorization_window
 from .demo_training import DemoData, load_data, progress_bar, train
 from .ledger import Ledger
+from .report import write_report
 
 RUN = "mlp-s0"
 
@@ -26,7 +27,7 @@ def run_demo(
     out: str | Path, *, epochs: int = 100, noise: float = 0.2, seed: int = 0, dataset: str | Path | None = None,
     stdout: TextIO | None = None,
 ) -> pa.Table:
-    """Train, log, analyse and print; write ``demo.ll``, ``scores.parquet`` in ``out``. Returns the
+    """Train, log, analyse and print; write ``demo.ll``, ``scores.parquet``, ``report.html`` in ``out``. Returns the
     detection table (one row per score: AUROC and precision@k at finding the flipped labels)."""
     stdout = sys.stdout if stdout is None else stdout
     out = Path(out)
@@ -58,8 +59,20 @@ def run_demo(
           f"{int(flagged.sum())}, of which {hits} flipped (precision {hits / max(int(flagged.sum()), 1):.2f}, "
           f"recall {hits / max(int(data.flipped.sum()), 1):.2f})", file=stdout)
     parquet = ledger.export(out / "scores.parquet", [RUN])
-    print(f"\nwrote {parquet}", file=stdout)
+    report = write_report(ledger, out / "report.html", run=RUN, images=_images(dataset))
+    print(f"\nwrote {parquet}\nwrote {report}", file=stdout)
     return table
+
+
+def _images(dataset: str | Path | None) -> np.ndarray | str | Path | None:
+    """The pictures for the report's galleries: digits' 8×8 images (raw grey levels), or the user's ``x`` if
+    it is image-shaped (``write_report`` checks)."""
+    if dataset is not None:
+        with np.load(dataset) as npz:
+            return dataset if npz["x"].ndim >= 3 else None
+    from sklearn.datasets import load_digits
+
+    return load_digits().images
 
 
 def detection(ledger: Ledger, data: DemoData, window: slice) -> pa.Table:

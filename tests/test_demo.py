@@ -36,5 +36,7 @@ def test_demo_trains_logs_and_finds_the_flipped_labels(tmp_path):
     assert auroc > 0.95
     line = next(line for line in text.splitlines() if line.startswith("action (all epochs)"))
     assert float(line.split()[3]) == pytest.approx(auroc, abs=5e-7)
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html
     table = pq.read_table(tmp_path / "scores.parquet")
     assert table.num_rows == ledger.n_samples * 4  # one row per sample and stream
