@@ -1,0 +1,588 @@
+"""PyTorch adapter: sample ids in every batch, a recorder that adds no host sync per step, the probe protocol.
+
+Example (CPU or GPU; the loss must be per sample, ``reduction="none"``)::
+
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+    from lossledger.adapters.torch import IndexedDataset, Recorder, evaluate
+
+    loader = DataLoader(IndexedDataset(train_set), batch_size=64, shuffle=True)   # yields (ids, x, y)
+    with ledger.run("cnn-s0") as run, Recorder(run) as rec:
+        for epoch in range(10):
+            for ids, x, y in loader:
+                losses = F.cross_entropy(model(x.to(dev)), y.to(dev), reduction="none")   # (B,)
+                rec.log(ids, losses)                # no host sync: copied to the host in the background
+                losses.mean().backward(); opt.step(); opt.zero_grad()
+            rec.end_epoch()                         # waits for the copies, logs them, commits the tick
+
+``Recorder`` also works under ``DistributedDataParallel``: every rank logs its own samples, ``end_epoch`` gathers
+them on rank 0, drops the samples that ``DistributedSampler`` repeats to pad the ranks, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+from lossledger.errors import InvalidDTypeError, LedgerError, LedgerWarning, RunClosedError, ShapeMismatchError
+from lossledger.format import check_stream_name
+from lossledger.run import Run
+
+__all__ = ["AdapterError", "IndexedDataset", "Recorder", "evaluate"]
+
+#: The open Recorder of each run: evaluate(run, ...) logs through it, and run.close() waits for its commit.
+_ACTIVE: weakref.WeakKeyDictionary[Run, weakref.ref[Recorder]] = weakref.WeakKeyDictionary()
+
+#: Pending entries kept before the ones whose copies are done are merged into one (bounds pinned memory).
+_COMPACT_EVERY = 128
+
+
+class AdapterError(LedgerError, ValueError):
+    """An adapter was set up wrongly (no run on the writing rank, an unknown layer, a resume mismatch ...)."""
+
+
+class IndexedDataset(Dataset):
+    """A map-style dataset whose items also carry their sample id: ``item`` becomes ``(sample_id, *item)``.
+
+    ``sample_ids``: optional (len(dataset),) ids of the ledger (default: the index ``i``). Tuple items gain the id
+    in front (``(x, y)`` -> ``(id, x, y)``), dict items gain a ``"sample_id"`` key, other items become
+    ``(id, item)``. The default ``DataLoader`` collate turns the ids into a (B,) int64 tensor.
+
+    >>> ids, x, y = next(iter(DataLoader(IndexedDataset(TensorDataset(X, Y)), batch_size=32)))
+    """
+
+    def __init__(self, dataset: Any, sample_ids: Sequence[int] | np.ndarray | None = None) -> None:
+        self.dataset = dataset
+        self.sample_ids = None if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)
+        if self.sample_ids is not None and len(self.sample_ids) != len(dataset):
+            raise ShapeMismatchError(
+                f"IndexedDataset got {len(self.sample_ids)} sample_ids for a dataset of {len(dataset)} items; "
+                "pass one id per item, in dataset order"
+            )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.dataset[index]
+        sample_id = int(index) if self.sample_ids is None else int(self.sample_ids[index])
+        if isinstance(item, tuple | list):
+            return (sample_id, *item)
+        if isinstance(item, dict):
+            return {"sample_id": sample_id, **item}
+        return (sample_id, item)
+
+
+@dataclass
+class _Entry:
+    """One ``log`` call: host tensors, possibly still being filled by an asynchronous device copy."""
+
+    ids: torch.Tensor  # (B,) int64 on the host
+    streams: dict[str, torch.Tensor]  # name -> (B, *element_shape) float32 on the host
+    event: Any = None  # torch.Event recorded after the copies were queued; None when already on the host
+
+    def ready(self) -> bool:
+        return self.event is None or bool(self.event.query())
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+
+class Recorder:
+    """Per-sample values of a training loop, logged into ``run`` without a host sync per step.
+
+    ``log`` detaches the tensors, casts floating values to float32 (AMP half/bfloat16 losses are stored as float32)
+    and, for tensors on an accelerator, queues a ``non_blocking`` copy into pinned host memory followed by an event:
+    no call waits for the device. ``end_epoch`` waits for those copies and hands the epoch to a writer thread that
+    logs it (one ``run.log`` call per set of streams) and commits the tick while training goes on; the next
+    ``end_epoch``, ``flush``, ``wait`` or ``close`` (and ``run.close()``) first waits for that commit.
+    ``background=False`` commits in ``end_epoch`` itself. Host memory: the epoch's values (int64 ids + float32
+    values) until the commit, as much as ``run.log``'s tick buffer holds. Errors about the values (unknown or
+    repeated ids, NaN) come from the run when the tick is logged, so they are raised by the next call of the
+    recorder rather than by ``log``; a refused tick records nothing.
+
+    Distributed (``torch.distributed`` initialised with world size > 1 in ``group``, or ``distributed=True``): every
+    rank calls ``log`` with its own samples, and ``flush``/``end_epoch`` together (they are collectives); rank 0 of
+    the group gathers, keeps one value per sample (the lowest rank's, so the ids ``DistributedSampler`` repeats to
+    pad the ranks are stored once), and writes. Other ranks may pass ``run=None``.
+
+    The tick's ``step`` is the previous step plus the number of ``log`` calls of this rank (those made by
+    :func:`evaluate` do not count), unless ``end_epoch(step=...)`` says otherwise. Keep the tensors given to ``log``
+    unchanged until ``end_epoch``: float32 host tensors are held as they are, not copied.
+    """
+
+    def __init__(
+        self, run: Run | None, *, background: bool = True, group: Any = None, distributed: bool | None = None
+    ) -> None:
+        self._pending: list[_Entry] = []
+        self._steps = 0  # log calls in this tick that count as optimizer steps
+        self._closed = False
+        self._writer: ThreadPoolExecutor | None = None
+        self._job: Future[int] | None = None
+        if distributed is None:
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+        self.distributed = bool(distributed)
+        self._group = group
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        if run is None and self.rank == 0:
+            where = "rank 0 of the process group" if self.distributed else "a single process"
+            raise AdapterError(
+                f"Recorder got run=None on {where}, which writes the ledger; pass the run opened with "
+                "ledger.run(name) (other ranks may pass None)"
+            )
+        self.run = run if self.rank == 0 else None
+        if self.run is not None:
+            if _active(self.run) is not None:
+                raise AdapterError(
+                    f"run {self.run.name!r} already has an open Recorder; log through that one (evaluate() "
+                    "accepts it too), or close it first"
+                )
+            _ACTIVE[self.run] = weakref.ref(self)
+            _wait_before_close(self.run)
+            if background:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="lossledger-commit")
+
+    # --- public API -----------------------------------------------------------------------------------
+    def log(self, ids: Any, loss: Any = None, /, **streams: Any) -> None:
+        """Record per-sample values for the current tick; returns at once, without waiting for the device.
+
+        ``ids``: (B,) integer sample ids (tensor on any device, numpy or a sequence). ``loss``: (B,) per-sample
+        losses, stored in stream ``"loss"``; each keyword is another stream of (B, *element_shape) values.
+        Counts as one optimizer step.
+        """
+        if loss is not None:
+            if "loss" in streams:
+                raise ShapeMismatchError("log() got the loss both positionally and as loss=...; pass it once")
+            streams = {"loss": loss, **streams}
+        self._add(ids, streams, count_step=True)
+
+    def flush(self) -> None:
+        """Wait for the pending copies and log them into the run now, without committing.
+
+        Distributed: a collective (every rank calls it); rank 0 logs the gathered values.
+        """
+        self._check_open()
+        self.wait()
+        groups = self._collect()
+        if self.run is not None:
+            _log_groups(self.run, groups)
+
+    def end_epoch(self, *, epoch: int | None = None, step: int | None = None) -> int | None:
+        """Commit the tick: its values are logged and committed by the writer thread (see the class docstring).
+
+        Returns the index the tick gets (``None`` on ranks that do not write); it is readable once ``wait()``
+        returns. ``epoch`` defaults to the previous + 1, ``step`` to the previous + this tick's ``log`` calls.
+        Distributed: a collective.
+        """
+        self._check_open()
+        self.wait()
+        steps, self._steps = self._steps, 0
+        groups = self._collect()
+        if self.run is None:
+            return None
+        tick = self.run.ticks
+        if self._writer is None:
+            _commit(self.run, groups, epoch, step, steps)
+        else:
+            self._job = self._writer.submit(_commit, self.run, groups, epoch, step, steps)
+        return tick
+
+    def wait(self) -> None:
+        """Block until the tick handed to the writer thread is committed; re-raise its error if it failed."""
+        job, self._job = self._job, None
+        if job is not None:
+            job.result()
+
+    def close(self) -> None:
+        """Wait for the last commit and stop; values logged since the last ``end_epoch`` are discarded (warned).
+
+        Does not close the run: whoever opened it closes it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown()
+            if self.run is not None and _active(self.run) is self:
+                del _ACTIVE[self.run]
+        if self._pending:
+            n = sum(int(e.ids.shape[0]) for e in self._pending)
+            self._pending.clear()
+            warnings.warn(
+                f"Recorder: {n} value(s) logged since the last end_epoch() were discarded on close; call "
+                "rec.end_epoch() before closing to keep them",
+                LedgerWarning,
+                stacklevel=2,
+            )
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = f" rank={self.rank}" if self.distributed else ""
+        name = getattr(self.run, "name", None)
+        return f"<lossledger.adapters.torch.Recorder run={name!r}{where} pending={len(self._pending)}>"
+
+    # --- logging --------------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RunClosedError("this Recorder is closed; create a new Recorder(run) to log again")
+
+    def _add(self, ids: Any, streams: dict[str, Any], *, count_step: bool) -> None:
+        self._check_open()
+        if not streams:
+            raise ShapeMismatchError("log() got ids but no values; pass per-sample losses, e.g. rec.log(ids, losses)")
+        ids_t = _as_tensor(ids, "ids")
+        if ids_t.ndim != 1:
+            raise ShapeMismatchError(f"ids must be 1-D, got shape {tuple(ids_t.shape)}; pass one id per sample")
+        if ids_t.is_floating_point() or ids_t.is_complex() or ids_t.dtype == torch.bool:
+            raise InvalidDTypeError(f"ids must be integers, got {ids_t.dtype}; pass dataset indices (int64)")
+        values: dict[str, torch.Tensor] = {}
+        for name, raw in streams.items():
+            t = _as_tensor(raw, f"stream {check_stream_name(name)!r}")
+            if t.ndim == 0 or t.shape[0] != ids_t.shape[0]:
+                got = "a scalar" if t.ndim == 0 else f"shape {tuple(t.shape)}"
+                raise ShapeMismatchError(
+                    f"stream {name!r} got {got} for {ids_t.shape[0]} ids; log one value per sample "
+                    "(a per-sample loss uses reduction='none')"
+                )
+            if t.is_complex():
+                raise InvalidDTypeError(f"stream {name!r} got complex values; log real numbers")
+            values[name] = t.detach().to(torch.float32)
+        tensors = [ids_t.detach().to(torch.int64), *values.values()]
+        host, event = _to_host(tensors)
+        self._pending.append(_Entry(host[0], dict(zip(values, host[1:], strict=True)), event))
+        if count_step:
+            self._steps += 1
+        if len(self._pending) % _COMPACT_EVERY == 0:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Merge the leading entries whose copies are done into one, so memory is held in a few blocks."""
+        done = 0
+        while done < len(self._pending) and self._pending[done].ready():
+            done += 1
+        if done > 1:  # merged entries hold disjoint streams, so each stream keeps its logging order
+            merged = [_Entry(ids, values) for ids, values in _concat(self._pending[:done])]
+            self._pending[:done] = merged
+
+    def _collect(self) -> list[tuple[Any, dict[str, Any]]]:
+        """All pending values, one (ids, streams) group per set of streams in logging order; gathered on rank 0."""
+        for entry in self._pending:
+            entry.wait()
+        groups: list[tuple[Any, dict[str, Any]]] = list(_concat(self._pending))
+        self._pending = []
+        return self._gather(groups) if self.distributed else groups
+
+    # --- distributed ----------------------------------------------------------------------------------
+    def _gather(self, groups: list[tuple[Any, dict[str, Any]]]) -> list[tuple[Any, dict[str, Any]]]:
+        """Gather every rank's values on rank 0, one stream at a time; there, drop ids a lower rank logged."""
+        mine = {name: (ids, values) for ids, group in groups for name, values in group.items()}
+        layout = [(name, tuple(values.shape[1:]), int(ids.shape[0])) for name, (ids, values) in mine.items()]
+        layouts: list[Any] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(layouts, layout, self._group)
+        device = _collective_device(self._group)
+        dst = dist.get_global_rank(self._group, 0) if self._group is not None else 0
+        merged: list[tuple[Any, dict[str, Any]]] = []
+        for name, shape in dict.fromkeys((name, shape) for rank in layouts for name, shape, _ in rank):
+            lengths = [next((n for s, sh, n in rank if (s, sh) == (name, shape)), 0) for rank in layouts]
+            width = int(np.prod(shape, dtype=np.int64))
+            ids, values = mine.get(name, (torch.empty(0, dtype=torch.int64), torch.empty((0, *shape))))
+            flat = values.reshape(values.shape[0], width)
+            all_ids = _gather_padded(ids, max(lengths), device, dst, self._group, self.rank)
+            all_values = _gather_padded(flat, max(lengths), device, dst, self._group, self.rank)
+            if all_ids is not None and all_values is not None:
+                kept_ids, kept_values = _first_rank_wins(all_ids, all_values, lengths)
+                merged.append((kept_ids, {name: kept_values.reshape((-1, *shape))}))
+        return merged
+
+
+def _log_groups(run: Run, groups: list[tuple[Any, dict[str, Any]]]) -> None:
+    for ids, values in groups:
+        run.log(ids, **values)
+
+
+def _commit(run: Run, groups: list[tuple[Any, dict[str, Any]]], epoch: int | None, step: int | None, steps: int) -> int:
+    """Log one tick's groups and commit it (in the writer thread, or in the caller's)."""
+    _log_groups(run, groups)
+    if step is None:
+        step = _committed_column(run, "step", 0) + steps
+    return run.end_epoch(epoch=epoch, step=step)
+
+
+def _wait_before_close(run: Run) -> None:
+    """Make ``run.close()`` wait for the commit of the run's recorder first (also via ``with run`` and ledger.close).
+
+    A Run has no close hook (asked of the core); without this, closing the run while the writer thread commits
+    would discard the tick.
+    """
+    if getattr(run.close, "_lossledger_waits", False):
+        return
+    close = run.close
+
+    def close_after_commit() -> None:
+        active = _active(run)
+        if active is not None:
+            active.wait()
+        close()
+
+    close_after_commit._lossledger_waits = True  # type: ignore[attr-defined]
+    run.close = close_after_commit  # type: ignore[method-assign]
+
+
+def _gather_padded(
+    t: torch.Tensor, length: int, device: torch.device, dst: int, group: Any, rank: int
+) -> list[torch.Tensor] | None:
+    """``dist.gather`` of tensors whose first dimension differs across ranks: pad to ``length``; rank 0 strips."""
+    padded = torch.zeros((length, *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: t.shape[0]] = t.to(device)
+    out = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))] if rank == 0 else None
+    dist.gather(padded, out, dst=dst, group=group)
+    return None if out is None else [o.cpu() for o in out]
+
+
+def _first_rank_wins(
+    all_ids: list[torch.Tensor], all_values: list[torch.Tensor], lengths: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the ranks' values, keeping each id only from the lowest rank that logged it.
+
+    Repeats within one rank are kept: they are the run's ``on_duplicate`` policy to apply, while repeats across
+    ranks are the padding of ``DistributedSampler``.
+    """
+    kept_ids, kept_values = [], []
+    seen = np.empty(0, dtype=np.int64)
+    for ids_t, values_t, n in zip(all_ids, all_values, lengths, strict=True):
+        ids, values = ids_t[:n].numpy(), values_t[:n].numpy()
+        fresh = ~np.isin(ids, seen)
+        kept_ids.append(ids[fresh])
+        kept_values.append(values[fresh])
+        seen = np.union1d(seen, ids)
+    return np.concatenate(kept_ids), np.concatenate(kept_values)
+
+
+def _collective_device(group: Any) -> torch.device:
+    """Where gathered tensors must live: the current CUDA device for NCCL, else the host (gloo, mpi)."""
+    backend = str(dist.get_backend(group))
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# --- tensors ------------------------------------------------------------------------------------------
+def _as_tensor(obj: Any, what: str) -> torch.Tensor:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    try:
+        return torch.as_tensor(np.asarray(obj))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InvalidDTypeError(f"{what} of type {type(obj).__name__} is not a tensor or array ({err})") from err
+
+
+def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+    """The tensors on the host: accelerator tensors by non_blocking copies into pinned memory, plus an event.
+
+    Returns the host tensors (those already on the host as they are) and the event to wait on (or None).
+    """
+    host, event_device = [], None
+    for t in tensors:
+        if t.device.type == "cpu":
+            host.append(t)
+            continue
+        try:
+            buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        except RuntimeError:  # an accelerator without pinned host memory: a plain (blocking) copy
+            host.append(t.to("cpu"))
+            continue
+        buffer.copy_(t, non_blocking=True)
+        host.append(buffer)
+        event_device = t.device
+    if event_device is None:
+        return host, None
+    event = torch.Event(device=event_device)
+    event.record(torch.accelerator.current_stream(event_device))
+    return host, event
+
+
+def _concat(entries: Sequence[_Entry]) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The entries as few (ids, streams) groups, each stream's values in logging order.
+
+    Streams logged in exactly the same calls share one group (and one ids array); a stream's values are never
+    split across groups, so the run's ``on_duplicate="first"/"last"`` sees them in the order they were logged.
+    """
+    calls: dict[str, list[int]] = {}
+    for i, entry in enumerate(entries):
+        for name in entry.streams:
+            calls.setdefault(name, []).append(i)
+    by_calls: dict[tuple[int, ...], list[str]] = {}
+    for name, indices in calls.items():
+        by_calls.setdefault(tuple(indices), []).append(name)
+    out = []
+    for where, names in by_calls.items():
+        if len(where) == 1:
+            only = entries[where[0]]
+            out.append((only.ids, {name: only.streams[name] for name in names}))
+            continue
+        ids = torch.cat([entries[i].ids for i in where])
+        out.append((ids, {name: torch.cat([entries[i].streams[name] for i in where]) for name in names}))
+    return out
+
+
+def _committed_column(run: Run, column: str, default: int) -> int:
+    """The last committed value of a tick column (``step``/``epoch``) of ``run``; ``default`` before any tick."""
+    # Run has no public accessor for its committed tick rows (asked of the core as Run.last_tick); they are O(T).
+    values = run._ticks[column]
+    return int(values[-1]) if len(values) else default
+
+
+# --- the probe protocol -------------------------------------------------------------------------------
+def evaluate(
+    target: Run | Recorder | None,
+    model: torch.nn.Module,
+    loader: Iterable[Any],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    prefix: str = "",
+    margin: bool = False,
+    correct: bool = False,
+    prob: bool = False,
+    embedding: str | None = None,
+    device: torch.device | str | None = None,
+    batch: Callable[[Any], tuple[Any, Any, Any]] | None = None,
+    commit: bool = True,
+    epoch: int | None = None,
+) -> int | None:
+    """Per-sample losses of a probe set under ``torch.no_grad()`` (model in eval mode), logged as one tick.
+
+    ``loader`` yields ``(ids, inputs, targets)`` (as from :class:`IndexedDataset`; ``batch`` maps another layout to
+    that); inputs and targets are moved to ``device`` (default: the model's). ``loss_fn(logits, targets)`` must
+    return (B,) (``reduction="none"``). Streams, each (B,) float32 unless said: ``{prefix}loss``; with
+    ``margin``, logit of the true class minus the largest other logit (raw logits, as in AUM); ``correct``
+    (1.0/0.0, argmax); ``prob``, softmax probability of the true class; ``embedding="layer.name"``, that module's
+    output flattened to (B, D), captured by a forward hook. ``target`` is the run, or the training ``Recorder`` so
+    that the probe joins its tick; probe batches do not count as optimizer steps. ``commit=False`` logs without
+    committing. Returns the tick index when committed (``None`` on ranks that do not write).
+
+    >>> evaluate(rec, model, DataLoader(IndexedDataset(test_set), batch_size=256), F.cross_entropy, margin=True)
+    """
+    if getattr(loss_fn, "reduction", "none") != "none":
+        raise ShapeMismatchError(
+            f"loss_fn has reduction={loss_fn.reduction!r}; evaluate needs one loss per sample: pass "  # type: ignore[attr-defined]
+            f"{type(loss_fn).__name__}(reduction='none')"
+        )
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    modules = dict(model.named_modules())
+    if embedding is not None and embedding not in modules:
+        names = [n for n in modules if n][:8]
+        raise AdapterError(f"model has no layer {embedding!r}; its named layers include {names}")
+    captured: list[torch.Tensor] = []
+    hook = None
+    rec, owned = _recorder_for(target)
+    was_training = model.training
+    try:
+        if embedding is not None:
+            hook = modules[embedding].register_forward_hook(lambda _m, _i, out: captured.append(_first(out)))
+        model.eval()
+        with torch.no_grad():
+            for item in loader:
+                ids, inputs, targets = batch(item) if batch is not None else item
+                inputs, targets = _move(inputs, device), _move(targets, device)
+                captured.clear()
+                logits = model(inputs)
+                if not isinstance(logits, torch.Tensor):
+                    raise InvalidDTypeError(
+                        f"model returned {type(logits).__name__}, not a logits tensor; wrap the model so that it "
+                        "returns (B, classes) logits"
+                    )
+                streams = {f"{prefix}loss": loss_fn(logits, targets)}
+                streams.update(_class_streams(logits, targets, prefix, margin=margin, correct=correct, prob=prob))
+                if embedding is not None:
+                    streams[f"{prefix}embedding"] = captured[-1].reshape(captured[-1].shape[0], -1)
+                rec._add(ids, streams, count_step=False)
+        if not commit:
+            rec.flush()
+            return None
+        return rec.end_epoch(epoch=epoch)
+    except BaseException:
+        if owned:
+            rec._pending.clear()  # the error is what the caller needs to see, not a warning about discarded values
+        raise
+    finally:
+        model.train(was_training)
+        if hook is not None:
+            hook.remove()
+        if owned:
+            rec.close()
+
+
+def _active(run: Run | None) -> Recorder | None:
+    """The open Recorder of ``run``, if any."""
+    ref = _ACTIVE.get(run) if run is not None else None
+    rec = ref() if ref is not None else None
+    return rec if rec is not None and not rec._closed else None
+
+
+def _recorder_for(target: Run | Recorder | None) -> tuple[Recorder, bool]:
+    """The recorder to log through, and whether it was made here (and must be closed here)."""
+    if isinstance(target, Recorder):
+        return target, False
+    active = _active(target)
+    if active is not None:
+        return active, False
+    return Recorder(target, background=False), True
+
+
+def _class_streams(
+    logits: torch.Tensor, targets: Any, prefix: str, *, margin: bool, correct: bool, prob: bool
+) -> dict[str, torch.Tensor]:
+    """Per-sample margin, correct and prob streams of (B, classes) logits and (B,) class targets, float32."""
+    if not (margin or correct or prob):
+        return {}
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or logits.ndim != 2:
+        raise ShapeMismatchError(
+            "margin, correct and prob need (B, classes) logits and (B,) integer class targets; got logits of shape "
+            f"{tuple(logits.shape)} and targets {type(targets).__name__}"
+        )
+    logits = logits.float()
+    target = targets.long()[:, None]
+    out = {}
+    if margin:
+        others = logits.scatter(1, target, float("-inf"))
+        out[f"{prefix}margin"] = logits.gather(1, target)[:, 0] - others.max(1).values
+    if correct:
+        out[f"{prefix}correct"] = (logits.argmax(1) == target[:, 0]).float()
+    if prob:
+        out[f"{prefix}prob"] = torch.softmax(logits, 1).gather(1, target)[:, 0]
+    return out
+
+
+def _first(out: Any) -> torch.Tensor:
+    """A module's output tensor (the first element of a tuple output)."""
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _move(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_move(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device) for k, v in obj.items()}
+    return obj
