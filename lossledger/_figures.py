@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import OutputPathError, ShapeMismatchError
+from .errors import InputPathError, ShapeMismatchError
 
 #: Colours of clusters, runs and splits (matplotlib's tab10, written out so that nothing is looked up).
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -260,7 +260,7 @@ class Images:
         if isinstance(images, (str, os.PathLike)):
             path = Path(images)
             if not path.is_file():
-                raise OutputPathError(f"no images file at {path}; pass an .npy or .npz (key 'x') file, or an array")
+                raise InputPathError(f"no images file at {path}; pass an .npy or .npz (key 'x') file, or an array")
             if path.suffix == ".npz":
                 with np.load(path) as npz:
                     if "x" not in npz:

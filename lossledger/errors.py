@@ -72,6 +72,10 @@ class OutputPathError(LedgerError, FileNotFoundError):
     """A file to write (an export) cannot go where asked: its folder is missing, or the path is a folder."""
 
 
+class InputPathError(LedgerError, FileNotFoundError):
+    """A file to read (images for a report, a dataset) does not exist."""
+
+
 class _KeyErrorMessage(KeyError):
     # KeyError.__str__ quotes its argument; show the message as written.
     def __str__(self) -> str:
@@ -94,6 +98,7 @@ __all__ = [
     "CorruptLedgerError",
     "DuplicateSampleError",
     "FormatVersionError",
+    "InputPathError",
     "InvalidDTypeError",
     "InvalidNameError",
     "LedgerError",

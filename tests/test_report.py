@@ -23,7 +23,7 @@ import pytest
 
 import lossledger as ll
 from lossledger.analysis import flag_noisy, memorization_window
-from lossledger.errors import OutputPathError, ShapeMismatchError, UnknownStreamError
+from lossledger.errors import InputPathError, OutputPathError, ShapeMismatchError, UnknownStreamError
 
 pytest.importorskip("sklearn", reason="the report test trains on scikit-learn's digits")
 pytest.importorskip("matplotlib", reason="the report draws with matplotlib: pip install 'lossledger[report]'")
@@ -225,7 +225,7 @@ def test_report_refuses_bad_input_and_leaves_an_existing_file_untouched(ledger, 
         write_report(ledger, out, stream="nope")
     with pytest.raises(ShapeMismatchError, match="not a square number"):
         write_report(ledger, out, images=np.zeros((ledger.n_samples, 10)))
-    with pytest.raises(FileNotFoundError, match="no images file"):
+    with pytest.raises(InputPathError, match="no images file"):
         write_report(ledger, out, images=tmp_path / "missing.npz")
     np.savez(tmp_path / "images.npz", y=digits)
     with pytest.raises(ShapeMismatchError, match="key x"):
