@@ -4,7 +4,8 @@ Data: scikit-learn's bundled 8×8 digits (1,797 images, no download), or a user 
 and ``y`` (n,) integer labels. 80% train / 20% validation (seeded); ``noise`` of the training labels are
 flipped to another class (seeded). The model is a PyTorch MLP (or scikit-learn's ``MLPClassifier`` trained
 with ``partial_fit`` when torch is not installed). After every epoch every sample, train and validation, is
-evaluated (the paper's probe protocol) and its loss, p(label), logit margin and correctness are logged.
+evaluated (the paper's probe protocol; for torch by ``lossledger.adapters.torch.evaluate``) and its loss,
+p(label), logit margin and correctness are logged.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from .errors import ShapeMismatchError
 from .ledger import Ledger, create
+from .run import Run
 
 Progress = Callable[[int, int], None]
 
@@ -68,20 +70,22 @@ def load_data(dataset: str | Path | None = None, *, noise: float = 0.2, seed: in
 
 def train(
     data: DemoData, path: str | Path, *, epochs: int = 30, seed: int = 0, run: str = "mlp-s0",
-    progress: Progress | None = None, overwrite: bool = True,
+    progress: Progress | None = None, overwrite: bool = True, model: Literal["auto", "torch", "sklearn"] = "auto",
 ) -> Ledger:
-    """Create a ledger at ``path`` and log ``epochs`` epochs of a model trained on the train split."""
+    """Create a ledger at ``path`` and log ``epochs`` epochs of a model trained on the train split.
+
+    ``model``: ``"torch"`` (the adapter's ``evaluate`` logs the probe), ``"sklearn"``, or ``"auto"`` (torch
+    when installed)."""
     ledger = create(path, n_samples=len(data.labels), labels=data.labels, classes=data.classes,
                     splits=list(data.split), overwrite=overwrite)
-    model = _TorchMLP(data, seed) if _has_torch() else _SklearnMLP(data, seed)
-    ids = np.arange(len(data.labels))
-    flipped_ids = ids[data.flipped].tolist()
-    with model.single_thread(), ledger.run(run, model=model.name, epochs=epochs, seed=seed, flipped=flipped_ids) as writer:
+    use_torch = model == "torch" or (model == "auto" and _has_torch())
+    learner = _TorchMLP(data, seed) if use_torch else _SklearnMLP(data, seed)
+    flipped_ids = np.flatnonzero(data.flipped).tolist()
+    with learner.single_thread(), ledger.run(run, model=learner.name, epochs=epochs, seed=seed,
+                                             flipped=flipped_ids) as writer:
         for epoch in range(epochs):
-            model.fit_epoch()
-            logits = model.logits()
-            writer.log(ids, **_probe_streams(logits, data.labels))
-            writer.end_epoch()
+            learner.fit_epoch()
+            learner.probe(writer)
             if progress is not None:
                 progress(epoch + 1, epochs)
     return ledger
@@ -153,10 +157,15 @@ class _TorchMLP:
             loss.backward()
             self._opt.step()
 
-    def logits(self) -> np.ndarray:
-        self._model.eval()
-        with self._torch.no_grad():
-            return self._model(self._x).numpy()
+    def probe(self, run: Run) -> None:
+        """Log every sample's loss, prob, margin and correct with the adapter's ``evaluate``; commit the tick."""
+        from lossledger.adapters.torch import IndexedDataset, evaluate
+
+        torch = self._torch
+        loader = torch.utils.data.DataLoader(IndexedDataset(torch.utils.data.TensorDataset(self._x, self._y)),
+                                             batch_size=1024)
+        evaluate(run, self._model, loader, torch.nn.CrossEntropyLoss(reduction="none"), margin=True, correct=True,
+                 prob=True)
 
 
 class _SklearnMLP:
@@ -178,9 +187,12 @@ class _SklearnMLP:
     def fit_epoch(self) -> None:
         self._model.partial_fit(self._data.x[self._train], self._data.labels[self._train], classes=self._classes)
 
-    def logits(self) -> np.ndarray:
+    def probe(self, run: Run) -> None:
+        """Log every sample's loss, prob, margin (of log-probabilities) and correct; commit the tick."""
         # log-probabilities are logits up to a per-row constant: the margin is the log-odds margin.
-        return np.log(np.clip(self._model.predict_proba(self._data.x), 1e-12, 1.0))
+        logits = np.log(np.clip(self._model.predict_proba(self._data.x), 1e-12, 1.0))
+        run.log(np.arange(len(self._data.labels)), **_probe_streams(logits, self._data.labels))
+        run.end_epoch()
 
 
 def progress_bar(stream: Any = None, label: str = "training") -> Progress | None:

@@ -40,3 +40,17 @@ def test_demo_trains_logs_and_finds_the_flipped_labels(tmp_path):
     assert "data:image/png;base64," in html and "http://" not in html
     table = pq.read_table(tmp_path / "scores.parquet")
     assert table.num_rows == ledger.n_samples * 4  # one row per sample and stream
+
+
+def test_sklearn_learner_logs_the_same_streams_without_torch(tmp_path):
+    from lossledger.demo_training import load_data, train
+
+    data = load_data(noise=0.2, seed=1)
+    ledger = train(data, tmp_path / "sk.ll", epochs=3, model="sklearn", run="sk")
+    assert ledger.run_attrs("sk")["model"] == "sklearn-mlp-256"
+    loss = ledger.trajectories("sk", "loss")
+    prob = ledger.trajectories("sk", "prob")
+    assert loss.shape == (len(data.labels), 3) and not np.isnan(loss).any()
+    np.testing.assert_allclose(np.exp(-loss), prob, rtol=1e-5)  # cross-entropy: p(label) = exp(-loss)
+    correct = ledger.trajectories("sk", "correct")
+    assert set(np.unique(correct)) <= {0.0, 1.0}
