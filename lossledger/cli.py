@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from . import __version__
 from ._render import render_csv, render_text
-from .errors import LedgerError
+from .errors import InputPathError, LedgerError
 from .export import check_output_path, write_parquet
 from .ledger import open as open_ledger
 
@@ -53,6 +56,30 @@ def _report(args: argparse.Namespace) -> int:
     path = write_report(args.path, args.output, run=args.run, images=args.images, stream=args.stream, top=args.top)
     print(f"wrote {path}")
     return 0
+
+
+def _maps(args: argparse.Namespace) -> int:
+    from .heatmaps import write_maps  # matplotlib only for this command
+
+    ledger = open_ledger(args.path)
+    images = _load_array(args.images)
+    table = write_maps(ledger, ledger._only_run(args.run), args.out, stream=args.stream, top=args.top,
+                       hardest=not args.easiest, images=images, labels=args.labels, prediction=args.prediction,
+                       png=not args.npy_only)
+    print(f"wrote {table.num_rows} sample map(s) to {args.out}")
+    return 0
+
+
+def _load_array(path: str | None) -> Any:
+    """The array in an .npy file (memory-mapped) or under key ``x`` of an .npz, or None."""
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise InputPathError(f"no file at {path}; pass the path of an existing .npy or .npz file")
+    if path.endswith(".npz"):
+        with np.load(path) as npz:
+            return npz["x"]
+    return np.load(path, mmap_mode="r")
 
 
 def _fractions(text: str) -> list[float]:
@@ -149,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--stream", default="loss", help="the stream to score (default: loss)")
     report.add_argument("--top", type=int, default=16, help="samples in each gallery (default: 16)")
     report.set_defaults(handler=_report)
+
+    maps = commands.add_parser("maps", help="write pixel action maps (PNG panels and .npy) of the hardest samples")
+    maps.add_argument("path", help="the ledger folder")
+    maps.add_argument("out", help="the output folder (created if missing)")
+    maps.add_argument("--run", help="the run (may be omitted when the ledger has one run)")
+    maps.add_argument("--stream", default="pixel", help="the per-pixel stream (default: pixel)")
+    maps.add_argument("--top", type=int, default=10, help="how many samples (default: 10)")
+    maps.add_argument("--easiest", action="store_true", help="the easiest samples instead")
+    maps.add_argument("--images", help="input images: .npy (N, H, W[, C]) or .npz with key x, in ledger order")
+    maps.add_argument("--labels", help="the stream of run holding label masks (class indices)")
+    maps.add_argument("--prediction", help="the stream of run holding predicted masks")
+    maps.add_argument("--npy-only", action="store_true", help="only the .npy maps (no matplotlib needed)")
+    maps.set_defaults(handler=_maps)
 
     export = commands.add_parser("export", help="write the scores of runs, joined with the samples, to parquet")
     export.add_argument("path", help="the ledger folder")

@@ -93,3 +93,22 @@ def test_compare_runs(ledger):
     assert bad.returncode == 2 and "comma-separated fractions" in bad.stderr
     one = run_cli("compare", str(ledger.path), "a")
     assert one.returncode == 1 and "Traceback" not in one.stderr
+
+
+def test_maps_writes_pixel_maps_of_the_hardest(ledger, tmp_path):
+    import numpy as np
+
+    with ledger.run("seg") as run:
+        for t in range(2):
+            maps = np.arange(10 * 4 * 5, dtype=np.float32).reshape(10, 4, 5) / (t + 1)
+            run.log(list(range(10)), pixel=maps)
+            run.end_epoch()
+    np.save(tmp_path / "images.npy", np.zeros((10, 4, 5), np.float32))
+    out = run_cli("maps", str(ledger.path), str(tmp_path / "maps"), "--top", "2", "--images", str(tmp_path / "images.npy"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"wrote 2 sample map(s) to {tmp_path / 'maps'}"
+    action = np.load(tmp_path / "maps" / "sample9_action.npy")  # the hardest: the largest values
+    np.testing.assert_allclose(action, np.arange(180, 200, dtype=np.float32).reshape(4, 5) * 1.5)
+    assert (tmp_path / "maps" / "top.png").stat().st_size > 0
+    missing = run_cli("maps", str(ledger.path), str(tmp_path / "m2"), "--images", str(tmp_path / "nope.npy"))
+    assert missing.returncode == 1 and "no file at" in missing.stderr
