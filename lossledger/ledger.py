@@ -14,7 +14,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from . import compare
+from . import compare, pixels
 from ._arrays import as_ids, tick_positions
 from ._commit import list_runs, now_iso, read_run_attrs, read_ticks
 from ._runs import open_writer
@@ -34,6 +34,7 @@ from .errors import (
     UnknownStreamError,
 )
 from .export import export as export_scores
+from .pixels import PixelMaps
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -329,6 +330,16 @@ class Ledger:
         """
         table = self.scores(self._only_run(run), stream, dt=dt, ticks=ticks)
         return top_k(table, self.samples, k, by=by, hardest=hardest, per_class=per_class)
+
+    def pixel_action(
+        self, run: str, stream: str = "pixel", *, ids: Any = None, dt: Dt = "epoch", ticks: Any = None
+    ) -> PixelMaps:
+        """Per-pixel action, mean and variance maps (k, H, W) of samples ``ids`` of a dense stream.
+
+        See :func:`lossledger.pixels.pixel_action` (and ``pixel_summary``, ``pixel_class_action``,
+        ``pca_embedding`` there). Memory: the maps of the requested samples plus one 64 MB block.
+        """
+        return pixels.pixel_action(self, run, stream, ids=ids, dt=dt, ticks=ticks)
 
     def ensemble(
         self, runs: Sequence[str], stream: str = "loss", *, dt: Dt = "epoch", ticks: Any = None, by: str = "action"
