@@ -178,4 +178,4 @@ def _start_copy(x: Any) -> Any:
 
 
 def _ready(*arrays: Any) -> bool:
-    return all(not isinstance(a, jax.Array) or a.is_ready() for a in arrays)
+    return all(not isinstance(a, jax.Array) or a.is_ready() for a in arrays)  # type: ignore[attr-defined]

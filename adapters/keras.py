@@ -17,7 +17,7 @@ images are stored), and epochs that do not run (early stopping) are simply not c
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -75,7 +75,8 @@ def probe_losses(
         raise ShapeMismatchError(f"x has {n} rows but y has {_rows('y', y)}; pass one target per input row")
     parts: dict[str, list[np.ndarray]] = {}
     for lo in range(0, n, batch_size):
-        xb, yb = (tree.map_structure(lambda a: a[lo : lo + batch_size], v) for v in (x, y))
+        rows = slice(lo, lo + batch_size)
+        xb, yb = (tree.map_structure(lambda a, rows=rows: a[rows], v) for v in (x, y))
         pred = model.predict_on_batch(xb)
         for name, values in _batch_values(model, yb, pred, spec, weights, streams or {}, per_element).items():
             parts.setdefault(name, []).append(values)

@@ -38,6 +38,10 @@ from lossledger.errors import ShapeMismatchError
 if TYPE_CHECKING:
     from lossledger.run import Run
 
+    _TrainerBase = Trainer  # the mixin is used with a Trainer; lets type checkers see its members
+else:
+    _TrainerBase = object
+
 __all__ = ["IndexedDataset", "LossLedgerMixin", "LossLedgerTrainer", "classification_losses", "token_losses"]
 
 PerSampleLoss = Callable[[Any, torch.Tensor], torch.Tensor]  # (model outputs, labels) -> (B,) losses
@@ -113,7 +117,7 @@ def token_losses(
     return per_token.sum(dim=1) / counted  # 0 / 0 = NaN: dropped before logging, never stored as 0
 
 
-class LossLedgerMixin:
+class LossLedgerMixin(_TrainerBase):
     """Adds per-sample loss logging to a ``transformers.Trainer`` subclass: ``class T(LossLedgerMixin, X)``.
 
     Keyword arguments (the others go to the Trainer):
@@ -157,27 +161,41 @@ class LossLedgerMixin:
 
     # --- Trainer hooks ----------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()  # type: ignore[misc]
-        if self.id_key not in self._signature_columns:
-            self._signature_columns.append(self.id_key)  # keep the ids through remove_unused_columns
+        # The id column must survive remove_unused_columns, which keeps only the forward's arguments.
+        super()._set_signature_columns_if_needed()
+        columns: list[str] = list(self._signature_columns or [])
+        if self.id_key not in columns:
+            self._signature_columns = [*columns, self.id_key]  # type: ignore[assignment]
 
-    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> Any:
         inputs = dict(inputs)
         self._ledger_batch_ids = inputs.pop(self.id_key, None)  # for compute_loss; never passed to forward
         try:
-            return super().prediction_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         finally:
             self._ledger_batch_ids = None
 
     def compute_loss(
-        self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
         inputs = dict(inputs)
         ids = inputs.pop(self.id_key, None)
         if ids is None:
             ids = self._ledger_batch_ids
         labels = inputs.get("labels")
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)  # type: ignore[misc]
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
         if model.training or (self.log_eval and self._ledger_eval_open):
             if ids is None:
                 raise ShapeMismatchError(
@@ -255,7 +273,7 @@ class _LedgerCallback(TrainerCallback):
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._ledger_commit()  # an epoch whose evaluation did not run
         # state.epoch is epoch + fraction done (exact at boundaries; fractional when resumed mid-epoch).
-        self.trainer._ledger_epoch = int(math.floor(state.epoch + 1e-6))
+        self.trainer._ledger_epoch = math.floor(state.epoch + 1e-6)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         trainer = self.trainer

@@ -31,7 +31,8 @@ def test_jax_adapter(scenario: str, tmp_path: Path) -> None:
         pytest.skip("scikit-learn is not installed (pip install 'lossledger[test]')")
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={N_DEVICES}", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, __file__, scenario, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, __file__, scenario, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, f"scenario {scenario!r} failed:\n{proc.stdout}\n{proc.stderr}"
     assert f"ok {scenario}" in proc.stdout
@@ -113,7 +114,6 @@ def _train(root: Path, mode: str) -> None:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
-
     from lossledger.adapters.jax import value_and_grad
 
     assert jax.device_count() == N_DEVICES, jax.devices()
@@ -184,7 +184,6 @@ def _non_blocking(root: Path) -> None:
     """log() returns while the step that produces the losses is still running; entries drain lazily."""
     import jax
     import jax.numpy as jnp
-
     from lossledger.adapters.jax import Recorder
 
     ledger = _ledger(root, np.arange(10, 74), np.zeros(64, dtype=np.int32))
@@ -223,9 +222,9 @@ def _non_blocking(root: Path) -> None:
 
 def _bfloat16_and_errors(root: Path) -> None:
     import jax.numpy as jnp
+    from lossledger.adapters.jax import Recorder
 
     import lossledger as ll
-    from lossledger.adapters.jax import Recorder
 
     ledger = _ledger(root, np.arange(10, 20), np.zeros(10, dtype=np.int32))
     with ledger.run("bf16") as run:

@@ -33,7 +33,7 @@ def backend_run(request, tmp_path_factory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp(f"keras-{backend}")
     env = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, __file__, backend, str(root)], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
     return backend, proc.stdout + proc.stderr
 
 
@@ -95,7 +95,6 @@ def _assert_stored(ledger, run: str, stream: str, ids, expected: np.ndarray, rto
 
 def _single_output(root: Path) -> None:
     import keras
-
     from lossledger.adapters.keras import LossLedgerCallback
 
     x, y, ids, train, test = _data()
@@ -130,7 +129,6 @@ def _single_output(root: Path) -> None:
 
 def _multi_output(root: Path) -> None:
     import keras
-
     from lossledger.adapters.keras import LossLedgerCallback
 
     x, y, ids, train, test = _data()
@@ -194,7 +192,6 @@ def _multi_output(root: Path) -> None:
 
 def _early_stop_and_resume(root: Path) -> None:
     import keras
-
     from lossledger.adapters.keras import LossLedgerCallback
 
     x, y, ids, train, test = _data()
@@ -230,11 +227,11 @@ def _early_stop_and_resume(root: Path) -> None:
 def _api(root: Path) -> None:
     import keras
     from keras import ops
-
-    import lossledger as ll
     from lossledger.adapters.keras import LossLedgerCallback, probe_losses
 
-    x, y, ids, train, test = _data()
+    import lossledger as ll
+
+    x, y, ids, _, test = _data()
     ledger = _ledger(root, "api", ids, y)
     with ledger.run("api") as run:
         for bad, message in (
@@ -289,7 +286,7 @@ def main(backend: str, root: str) -> None:
         path.mkdir()
         try:
             globals()[f"_{scenario}"](path)
-        except BaseException:  # report every scenario, not only the first failure
+        except BaseException:  # noqa: BLE001 - report every scenario, not only the first failure
             print(f"FAIL {scenario}\n{traceback.format_exc()}", flush=True)
         else:
             print(f"ok {scenario}", flush=True)

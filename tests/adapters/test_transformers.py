@@ -16,8 +16,9 @@ torch = pytest.importorskip("torch", reason="torch is not installed (pip install
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 pytest.importorskip("accelerate", reason="the transformers Trainer needs accelerate (pip install accelerate)")
 
-import lossledger as ll  # noqa: E402
-from lossledger.adapters.transformers import IndexedDataset, LossLedgerTrainer, token_losses  # noqa: E402
+from lossledger.adapters.transformers import IndexedDataset, LossLedgerTrainer, token_losses
+
+import lossledger as ll
 
 VOCAB, SEQ = 40, 8
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,11 +42,11 @@ def _sequences(n: int, seed: int) -> np.ndarray:
 
 
 def _args(tmp_path, **kw) -> transformers.TrainingArguments:
-    defaults = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", save_strategy="no", logging_strategy="no",
-        per_device_train_batch_size=16, per_device_eval_batch_size=12, num_train_epochs=3, learning_rate=3e-3,
-        seed=0, disable_tqdm=True, dataloader_num_workers=0,
-    )
+    defaults = {
+        "output_dir": str(tmp_path / "out"), "use_cpu": True, "report_to": "none", "save_strategy": "no",
+        "logging_strategy": "no", "per_device_train_batch_size": 16, "per_device_eval_batch_size": 12,
+        "num_train_epochs": 3, "learning_rate": 3e-3, "seed": 0, "disable_tqdm": True, "dataloader_num_workers": 0,
+    }
     return transformers.TrainingArguments(**{**defaults, **kw})
 
 
@@ -213,7 +214,7 @@ def test_ddp_two_processes(tmp_path) -> None:
             procs.append(subprocess.Popen(
                 [sys.executable, __file__, str(tmp_path)], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                 stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=functools.partial(os.setpgid, 0, procs[0].pid if procs else 0),
+                preexec_fn=functools.partial(os.setpgid, 0, procs[0].pid if procs else 0),  # noqa: PLW1509
             ))
     try:
         codes = [p.wait(timeout=180) for p in procs]
