@@ -6,18 +6,21 @@ import warnings
 from typing import Any
 
 from ._commit import (
+    DAMAGED,
+    column_meta,
     ensure_tick_arrays,
     flushed_ticks,
     now_iso,
     read_run_attrs,
     read_ticks,
     recover,
+    stream_meta,
     write_run_attrs,
 )
 from ._samples import SampleIndex
 from ._store import RunLock, StoreIO
 from .errors import CorruptLedgerError, LedgerWarning
-from .format import TICK_COLUMNS, OnDuplicate, run_key, stream_key, ticks_key
+from .format import TICK_COLUMNS, OnDuplicate, run_key, ticks_key
 from .run import Run, _Stream
 
 
@@ -35,7 +38,7 @@ def open_writer(
         commit = run_attrs["commit"]
         if commit["ticks"] == 0:
             ensure_tick_arrays(io, name)
-        recover(io, name, commit)
+        recover(io, name, commit, index.n)
         changed = {k: v for k, v in attrs.items() if k in run_attrs["attrs"] and run_attrs["attrs"][k] != v}
         if changed:
             warnings.warn(
@@ -47,20 +50,25 @@ def open_writer(
             run_attrs = {**run_attrs, "attrs": {**run_attrs["attrs"], **attrs}}
             write_run_attrs(io, name, run_attrs)
     else:
-        # A run whose group metadata is missing was never created (or its creation was killed): start clean.
-        for leftover in ("streams", "ticks"):
-            io.delete_dir(f"{run_key(name)}/{leftover}")
+        # A run whose group metadata is missing was never created, or its creation was killed before the metadata
+        # was written (it goes first, before any array): then there is nothing to clean. Arrays without it are
+        # a damaged run's data, never deleted here.
+        if any(io.exists(f"{run_key(name)}/{leftover}/zarr.json") for leftover in ("streams", "ticks")):
+            raise CorruptLedgerError(
+                f"run {name!r}: {io.root / run_key(name) / 'zarr.json'} is missing but the run holds arrays; "
+                f"{DAMAGED} (or delete the folder {io.root / run_key(name)} to start the run afresh)"
+            )
         created = now_iso()
         run_attrs = {"commit": {"ticks": 0, "streams": {}, "updated": created}, "created": created, "attrs": attrs}
         # The group metadata goes first: Zarr would otherwise make an attribute-less group for the arrays.
         write_run_attrs(io, name, run_attrs)
         ensure_tick_arrays(io, name)
-    tick_meta = {c: _require(io.get_json(f"{ticks_key(name, c)}/zarr.json"), ticks_key(name, c)) for c in TICK_COLUMNS}
+    tick_meta = {c: column_meta(io, ticks_key(name, c), TICK_COLUMNS[c][0], None) for c in TICK_COLUMNS}
     ticks = read_ticks(io, name, run_attrs["commit"])
     flushed = flushed_ticks(run_attrs["commit"])
     streams = {}
     for stream, record in run_attrs["commit"]["streams"].items():
-        meta = _require(io.get_json(f"{stream_key(name, stream)}/zarr.json"), stream_key(name, stream))
+        meta = stream_meta(io, name, stream, run_attrs["commit"], index.n)
         streams[stream] = _Stream(
             stream, record["dtype"], tuple(record["element_shape"]), record["since"],
             per_chunk=int(meta["chunk_grid"]["configuration"]["chunk_shape"][1]), meta=meta,
@@ -71,8 +79,3 @@ def open_writer(
         stream_dtypes=stream_dtypes,
     )
 
-
-def _require(doc: dict[str, Any] | None, key: str) -> dict[str, Any]:
-    if doc is None:
-        raise CorruptLedgerError(f"array metadata {key}/zarr.json is missing; the ledger is damaged")
-    return doc

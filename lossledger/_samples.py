@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._arrays import as_ids, to_numpy
+from ._commit import DAMAGED, column_meta, read_column
 from ._store import StoreIO
-from .errors import InvalidDTypeError, ShapeMismatchError, UnknownSampleError
+from .errors import CorruptLedgerError, InvalidDTypeError, ShapeMismatchError, UnknownSampleError
 
 _CHUNK = 1 << 20
 
@@ -104,17 +105,60 @@ def write_samples(io: StoreIO, samples: Samples) -> None:
 
 
 def read_samples(io: StoreIO) -> Samples:
-    """Read the ``samples/`` group (O(N) memory)."""
-    ids = io.open_array("samples/sample_id")[:]
+    """Read the ``samples/`` group (O(N) memory), checking it: :class:`CorruptLedgerError` names a damaged file.
+
+    Zarr does not store a chunk that holds only the fill value (-1), so a missing chunk reads as -1 where
+    that can be data: labels without class names, and a chunk of a single id. Anywhere else (labels with
+    class names, split codes, more ids) a missing chunk is damage.
+    """
+    ids = read_column(io, "samples/sample_id", "int64", fill_missing_up_to=1)
+    n = ids.size
     label = classes = split = splits = None
+    for column in ("label", "split"):
+        if not io.exists(f"samples/{column}/zarr.json") and io.list_dir(f"samples/{column}"):
+            raise CorruptLedgerError(
+                f"{io.root / 'samples' / column / 'zarr.json'} is missing but samples/{column} holds chunks; {DAMAGED}"
+            )
     if io.exists("samples/label/zarr.json"):
-        arr = io.open_array("samples/label")
-        label = arr[:]
-        classes = tuple(arr.attrs["classes"]) if "classes" in arr.attrs else None
+        classes = _names(io, "label", "classes")
+        label = _column(io, "label", "int32", n, fill_missing=classes is None)
+        if classes is not None and n and (label.min() < 0 or label.max() >= len(classes)):
+            raise CorruptLedgerError(
+                f"{io.root / 'samples' / 'label'} holds labels {label.min()}..{label.max()}, outside the "
+                f"{len(classes)} classes; {DAMAGED}"
+            )
     if io.exists("samples/split/zarr.json"):
-        arr = io.open_array("samples/split")
-        split, splits = arr[:], tuple(arr.attrs.get("splits", ()))
-    return Samples(np.asarray(ids, dtype=np.int64), label, classes, split, splits)
+        split = _column(io, "split", "int8", n, fill_missing=False)
+        splits = _names(io, "split", "splits") or ()
+        if n and (split.min() < 0 or split.max() >= len(splits)):
+            raise CorruptLedgerError(
+                f"{io.root / 'samples' / 'split'} holds split codes {split.min()}..{split.max()}, outside the "
+                f"{len(splits)} split names; {DAMAGED}"
+            )
+    return Samples(ids, label, classes, split, splits)
+
+
+def _column(io: StoreIO, name: str, dtype: str, n: int, *, fill_missing: bool) -> np.ndarray:
+    rows = column_meta(io, f"samples/{name}", dtype, None)["shape"][0]
+    if rows != n:
+        raise CorruptLedgerError(
+            f"{io.root / 'samples' / name / 'zarr.json'} has {rows} rows, but samples/sample_id has {n}; {DAMAGED}"
+        )
+    return read_column(io, f"samples/{name}", dtype, rows=n, fill_missing_up_to=n if fill_missing else 0)
+
+
+def _names(io: StoreIO, column: str, attribute: str) -> tuple[str, ...] | None:
+    """The names in ``samples/<column>``'s attribute (class or split names), checked to be a list of strings."""
+    attrs = io.get_json(f"samples/{column}/zarr.json").get("attributes", {})  # type: ignore[union-attr]
+    if not isinstance(attrs, dict) or attribute not in attrs:
+        return None
+    names = attrs[attribute]
+    if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+        raise CorruptLedgerError(
+            f"{io.root / 'samples' / column / 'zarr.json'}: attribute {attribute!r} is {names!r}, not a list of "
+            f"names; {DAMAGED}"
+        )
+    return tuple(names)
 
 
 class SampleIndex:
@@ -127,6 +171,12 @@ class SampleIndex:
         if not self._identity:
             self._order = np.argsort(sample_id, kind="stable")
             self._sorted = sample_id[self._order]
+            repeated = self._sorted[1:][self._sorted[1:] == self._sorted[:-1]]
+            if repeated.size:  # create() refuses repeated ids: the stored ids were damaged
+                raise CorruptLedgerError(
+                    f"the ledger's sample ids repeat (e.g. {np.unique(repeated)[:5].tolist()}); samples/sample_id "
+                    "is damaged"
+                )
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id (int64, same shape); raises :class:`UnknownSampleError` naming bad ids."""

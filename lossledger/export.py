@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._commit import now_iso, read_run_attrs
+from ._commit import now_iso, read_run_attrs, stream_meta
 from ._scoring import stored_scores
 from ._version import __version__
 from .errors import OutputPathError, UnknownRunError, UnknownStreamError
@@ -57,6 +57,8 @@ def export(
             raise UnknownRunError(f"no run named {run!r} in {ledger.path}; existing runs: {ledger.runs}")
         records[run] = read_run_attrs(ledger._io, run)
     plan = [(run, stream) for run in names for stream in _streams_of(run, records[run], streams)]
+    for run, stream in plan:  # checked before the file is started: a damaged ledger raises, naming the file
+        stream_meta(ledger._io, run, stream, records[run]["commit"], ledger.n_samples)
     samples = ledger.samples
     extra = [(name, samples[name].cast(pa.string()) if name in ("class", "split") else samples[name])
              for name in ("label", "class", "split") if name in samples.column_names]

@@ -16,7 +16,16 @@ import pyarrow as pa
 
 from . import compare, pixels
 from ._arrays import as_ids, tick_positions
-from ._commit import list_runs, now_iso, read_run_attrs, read_ticks
+from ._commit import (
+    DAMAGED,
+    check_run,
+    list_runs,
+    now_iso,
+    read_run_attrs,
+    read_stream_chunks,
+    read_ticks,
+    stream_meta,
+)
 from ._runs import open_writer
 from ._samples import SampleIndex, Samples, build_samples, read_samples, write_samples
 from ._scoring import compute_scores
@@ -31,10 +40,8 @@ from .errors import (
     ReadOnlyError,
     ShapeMismatchError,
     UnknownRunError,
-    UnknownStreamError,
 )
 from .export import export as export_scores
-from .pixels import PixelMaps
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -46,6 +53,7 @@ from .format import (
     run_key,
     stream_key,
 )
+from .pixels import PixelMaps
 from .rankings import top_k
 from .run import Run
 from .scores import Dt
@@ -148,8 +156,8 @@ class Ledger:
         root = self._io.group_attrs("")
         if root is None or root.get("format") != FORMAT_NAME:
             raise NotALedgerError(
-                f"{path} is not a lossledger ledger (no zarr.json with format 'lossledger'); pass the folder "
-                "made by lossledger.create()"
+                f"{path} is not a lossledger ledger ({path / 'zarr.json'} is missing or has no format "
+                "'lossledger'); pass the folder made by lossledger.create()"
             )
         version = root.get("version")
         if not isinstance(version, int) or version < 1:
@@ -160,6 +168,8 @@ class Ledger:
                 "lossledger reads; upgrade lossledger (pip install -U lossledger)"
             )
         self._root_attrs = root
+        if not self._io.exists("runs/zarr.json"):
+            raise CorruptLedgerError(f"{path / 'runs' / 'zarr.json'} is missing: the runs group is gone; {DAMAGED}")
         self._samples: Samples = read_samples(self._io)
         self._index = SampleIndex(self._samples.sample_id)
         self._open_runs: list[Run] = []
@@ -250,7 +260,9 @@ class Ledger:
 
     def streams(self, run: str) -> pa.Table:
         """Committed streams of ``run``: ``stream``, ``dtype``, ``element_shape``, ``since`` (first tick)."""
-        records = read_run_attrs(self._io, run)["commit"]["streams"]
+        commit = read_run_attrs(self._io, run)["commit"]
+        check_run(self._io, run, commit, self.n_samples)
+        records = commit["streams"]
         names = sorted(records)
         return pa.table(
             {
@@ -277,27 +289,27 @@ class Ledger:
         not logged. Memory is that of the result: meant for small reads (scores stream over chunks).
         """
         commit = read_run_attrs(self._io, run)["commit"]
-        if stream not in commit["streams"]:
-            raise UnknownStreamError(
-                f"run {run!r} has no committed stream {stream!r}; its streams are {sorted(commit['streams'])}"
-            )
-        n_ticks = commit["ticks"]
-        tick_index = tick_positions(ticks, n_ticks)
-        rows = None if ids is None else self._index.rows(as_ids(ids))
-        array = self._io.open_array(stream_key(run, stream))
-        element = (slice(None),) * len(commit["streams"][stream]["element_shape"])
-        if rows is None:
-            out = array.get_orthogonal_selection((tick_index, slice(None), *element))
-        elif rows.size == 0 or tick_index.size == 0:
-            shape = (tick_index.size, rows.size, *commit["streams"][stream]["element_shape"])
-            out = np.empty(shape, dtype=array.dtype)
-        else:
-            order = np.argsort(rows, kind="stable")
-            unique_rows, inverse = np.unique(rows[order], return_inverse=True)
-            picked = array.get_orthogonal_selection((tick_index, unique_rows, *element))
-            out = np.empty((tick_index.size, rows.size, *picked.shape[2:]), dtype=picked.dtype)
-            out[:, order] = picked[:, inverse]
-        return np.moveaxis(np.asarray(out), 0, 1)
+        meta = stream_meta(self._io, run, stream, commit, self.n_samples)
+        read_ticks(self._io, run, commit)  # checks that the committed ticks were all written (O(T))
+        per_chunk = meta["chunk_grid"]["configuration"]["chunk_shape"][1]
+        element = tuple(commit["streams"][stream]["element_shape"])
+        tick_index = tick_positions(ticks, commit["ticks"])
+        rows = np.arange(self.n_samples) if ids is None else self._index.rows(as_ids(ids))
+        # Read each needed chunk once (checked as it is decoded) into (unique rows, unique ticks).
+        wanted, row_inverse = np.unique(rows, return_inverse=True)
+        tick_list, tick_inverse = np.unique(tick_index, return_inverse=True)
+        picked = np.full((wanted.size, tick_list.size, *element), np.nan, meta["data_type"])
+        cols, starts = np.unique(wanted // per_chunk, return_index=True)
+        bounds = dict(zip(cols.tolist(), zip(starts.tolist(), [*starts[1:].tolist(), wanted.size])))
+        position = {int(t): i for i, t in enumerate(tick_list)}
+        chunks = ((int(t), col) for t in tick_list for col in bounds)
+        for (tick, col), values in read_stream_chunks(self._io, stream_key(run, stream), meta, chunks):
+            if values is not None:
+                a, b = bounds[col]
+                picked[a:b, position[tick]] = values[wanted[a:b] - col * per_chunk]
+        if ids is None and tick_list.size == tick_index.size and np.array_equal(tick_list, tick_index):
+            return picked  # all samples in row order at increasing ticks: no reordering
+        return picked[row_inverse][:, tick_inverse]
 
     def scores(self, run: str, stream: str = "loss", *, dt: Dt = "epoch", ticks: Any = None) -> pa.Table:
         """Per-sample scores of ``stream`` in ``run`` over committed ticks, one row per sample (row order).
@@ -309,6 +321,7 @@ class Ledger:
         :mod:`lossledger.scores`. Memory: one 64 MB slab plus the result; results over all ticks are cached in
         the ledger as parquet and recomputed when the run has new commits.
         """
+        stream_meta(self._io, run, stream, read_run_attrs(self._io, run)["commit"], self.n_samples)
         return compute_scores(self._io, self._samples, run, stream, dt, ticks)
 
     def top(
@@ -387,13 +400,28 @@ class Ledger:
     def sql(self, query: str) -> pa.Table:
         """Run a DuckDB SQL query over the views ``samples``, ``runs``, ``ticks``, ``scores``, ``losses``.
 
-        See :mod:`lossledger.sql` (and docs/sql.md) for the columns. Returns a ``pyarrow.Table``.
+        See :mod:`lossledger.sql` (and docs/sql.md) for the columns. Returns a ``pyarrow.Table``. A damaged
+        ledger raises :class:`CorruptLedgerError` naming the damaged file; a bad query, DuckDB's own error.
         """
-        return sql_query(self, query)
+        self._check_runs()
+        try:
+            return sql_query(self, query)
+        except duckdb.Error as err:
+            # The views read chunks inside DuckDB, which reports a failed read as its own error, with our message.
+            if _DAMAGED in str(err):
+                raise CorruptLedgerError(str(err)) from err
+            raise
 
     def duckdb(self) -> duckdb.DuckDBPyConnection:
         """A new DuckDB connection with the ledger's views registered, for power users (close it when done)."""
+        self._check_runs()
         return sql_connect(self)
+
+    def _check_runs(self) -> None:
+        """Check every run's commit record and array metadata (a few small reads per run), so that views over
+        them read only what a writer wrote; :class:`CorruptLedgerError` names a damaged file."""
+        for run in self.runs:
+            check_run(self._io, run, read_run_attrs(self._io, run)["commit"], self.n_samples)
 
     def _only_run(self, run: str | None) -> str:
         if run is not None:
@@ -417,6 +445,8 @@ class Ledger:
         for run in runs:
             attrs = read_run_attrs(self._io, run)
             commit = attrs["commit"]
+            check_run(self._io, run, commit, self.n_samples)
+            read_ticks(self._io, run, commit)
             streams = ", ".join(
                 name + (f"{tuple(r['element_shape'])}" if r["element_shape"] else "") + ("[f16]" if r["dtype"] == "float16" else "")
                 for name, r in sorted(commit["streams"].items())
@@ -440,6 +470,10 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"<lossledger.Ledger {str(self.path)!r} mode={self.mode!r} samples={self.n_samples}>"
+
+
+#: Every message about damage says this, also when DuckDB passes one on as its own error.
+_DAMAGED = "the ledger is damaged"
 
 
 def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
