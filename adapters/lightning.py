@@ -134,7 +134,7 @@ class LossLedgerCallback(pl.Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Lightning skips teardown hooks when fit fails: release the run here; the epoch cut short is not committed.
         if self.recorder is not None:
-            self.recorder._pending.clear()
+            self.recorder._discard()
         self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

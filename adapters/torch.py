@@ -42,8 +42,10 @@ __all__ = ["AdapterError", "IndexedDataset", "Recorder", "evaluate"]
 #: The open Recorder of each run: evaluate(run, ...) logs through it, and run.close() waits for its commit.
 _ACTIVE: weakref.WeakKeyDictionary[Run, weakref.ref[Recorder]] = weakref.WeakKeyDictionary()
 
-#: Pending entries kept before the ones whose copies are done are merged into one (bounds pinned memory).
+#: Log calls after which the pending entries whose copies are done are merged (a few blocks, not one per call).
 _COMPACT_EVERY = 128
+
+_INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32})
 
 
 class AdapterError(LedgerError, ValueError):
@@ -126,6 +128,8 @@ class Recorder:
         self, run: Run | None, *, background: bool = True, group: Any = None, distributed: bool | None = None
     ) -> None:
         self._pending: list[_Entry] = []
+        self._merged = 0  # leading entries of _pending that are merged blocks
+        self._names: set[str] = set()  # stream names already checked
         self._steps = 0  # log calls in this tick that count as optimizer steps
         self._closed = False
         self._writer: ThreadPoolExecutor | None = None
@@ -221,7 +225,7 @@ class Recorder:
                 del _ACTIVE[self.run]
         if self._pending:
             n = sum(int(e.ids.shape[0]) for e in self._pending)
-            self._pending.clear()
+            self._discard()
             warnings.warn(
                 f"Recorder: {n} value(s) logged since the last end_epoch() were discarded on close; call "
                 "rec.end_epoch() before closing to keep them",
@@ -246,49 +250,67 @@ class Recorder:
             raise RunClosedError("this Recorder is closed; create a new Recorder(run) to log again")
 
     def _add(self, ids: Any, streams: dict[str, Any], *, count_step: bool) -> None:
+        # Called every training step: checks only what needs no values (values are the run's to check).
         self._check_open()
         if not streams:
             raise ShapeMismatchError("log() got ids but no values; pass per-sample losses, e.g. rec.log(ids, losses)")
-        ids_t = _as_tensor(ids, "ids")
+        ids_t = ids if isinstance(ids, torch.Tensor) else _as_tensor(ids, "ids")
         if ids_t.ndim != 1:
             raise ShapeMismatchError(f"ids must be 1-D, got shape {tuple(ids_t.shape)}; pass one id per sample")
-        if ids_t.is_floating_point() or ids_t.is_complex() or ids_t.dtype == torch.bool:
+        if ids_t.dtype not in _INT_DTYPES:
             raise InvalidDTypeError(f"ids must be integers, got {ids_t.dtype}; pass dataset indices (int64)")
+        n = ids_t.shape[0]
         values: dict[str, torch.Tensor] = {}
         for name, raw in streams.items():
-            t = _as_tensor(raw, f"stream {check_stream_name(name)!r}")
-            if t.ndim == 0 or t.shape[0] != ids_t.shape[0]:
+            if name not in self._names:
+                self._names.add(check_stream_name(name))
+            t = raw if isinstance(raw, torch.Tensor) else _as_tensor(raw, f"stream {name!r}")
+            if t.ndim == 0 or t.shape[0] != n:
                 got = "a scalar" if t.ndim == 0 else f"shape {tuple(t.shape)}"
                 raise ShapeMismatchError(
-                    f"stream {name!r} got {got} for {ids_t.shape[0]} ids; log one value per sample "
+                    f"stream {name!r} got {got} for {n} ids; log one value per sample "
                     "(a per-sample loss uses reduction='none')"
                 )
             if t.is_complex():
                 raise InvalidDTypeError(f"stream {name!r} got complex values; log real numbers")
-            values[name] = t.detach().to(torch.float32)
-        tensors = [ids_t.detach().to(torch.int64), *values.values()]
-        host, event = _to_host(tensors)
-        self._pending.append(_Entry(host[0], dict(zip(values, host[1:], strict=True)), event))
+            if t.requires_grad:
+                t = t.detach()
+            values[name] = t if t.dtype == torch.float32 else t.to(torch.float32)
+        if ids_t.dtype != torch.int64:
+            ids_t = ids_t.to(torch.int64)
+        if ids_t.is_cpu and all(t.is_cpu for t in values.values()):
+            self._pending.append(_Entry(ids_t, values))
+        else:
+            host, event = _to_host([ids_t, *values.values()])
+            self._pending.append(_Entry(host[0], dict(zip(values, host[1:], strict=True)), event))
         if count_step:
             self._steps += 1
-        if len(self._pending) % _COMPACT_EVERY == 0:
+        if len(self._pending) - self._merged >= _COMPACT_EVERY:
             self._compact()
 
+    def _discard(self) -> None:
+        """Drop the values logged since the last end_epoch (the tick will not be committed)."""
+        self._pending, self._merged, self._steps = [], 0, 0
+
     def _compact(self) -> None:
-        """Merge the leading entries whose copies are done into one, so memory is held in a few blocks."""
-        done = 0
+        """Merge the entries logged since the last merge whose copies are done: memory stays in a few blocks.
+
+        Each entry is merged once (blocks of about ``_COMPACT_EVERY`` calls), so the work is linear in the epoch.
+        """
+        done = self._merged
         while done < len(self._pending) and self._pending[done].ready():
             done += 1
-        if done > 1:  # merged entries hold disjoint streams, so each stream keeps its logging order
-            merged = [_Entry(ids, values) for ids, values in _concat(self._pending[:done])]
-            self._pending[:done] = merged
+        if done - self._merged > 1:  # merged entries hold disjoint streams, so each stream keeps its logging order
+            merged = [_Entry(ids, values) for ids, values in _concat(self._pending[self._merged : done])]
+            self._pending[self._merged : done] = merged
+            self._merged += len(merged)
 
     def _collect(self) -> list[tuple[Any, dict[str, Any]]]:
         """All pending values, one (ids, streams) group per set of streams in logging order; gathered on rank 0."""
         for entry in self._pending:
             entry.wait()
         groups: list[tuple[Any, dict[str, Any]]] = list(_concat(self._pending))
-        self._pending = []
+        self._pending, self._merged = [], 0
         return self._gather(groups) if self.distributed else groups
 
     # --- distributed ----------------------------------------------------------------------------------
@@ -402,7 +424,7 @@ def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
     """
     host, event_device = [], None
     for t in tensors:
-        if t.device.type == "cpu":
+        if t.is_cpu:
             host.append(t)
             continue
         try:
@@ -522,7 +544,7 @@ def evaluate(
         return rec.end_epoch(epoch=epoch)
     except BaseException:
         if owned:
-            rec._pending.clear()  # the error is what the caller needs to see, not a warning about discarded values
+            rec._discard()  # the error is what the caller needs to see, not a warning about discarded values
         raise
     finally:
         model.train(was_training)
