@@ -121,7 +121,7 @@ def test_errors_say_what_to_do(tmp_path):
         neighbours(ledger, "r", features=np.zeros((19, 4)))
     with pytest.raises(E.ShapeMismatchError, match="k must be a positive integer"):
         neighbours(ledger, "r", k=0)
-    with pytest.raises(E.UnknownStreamError, match="its streams are \\['embedding', 'loss'\\]"):
+    with pytest.raises(E.UnknownStreamError, match="its streams are \\['embedding', 'loss'\\]: log features"):
         neighbours(ledger, "r", stream="features")
     with pytest.raises(E.UnknownSampleError):
         neighbours(ledger, "r", ids=[99])

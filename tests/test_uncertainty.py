@@ -160,8 +160,10 @@ def test_threshold_options_and_errors(ensemble):
         entropy_vs_action(ledger, RUNS, high=0.5, low=0.5)
     with pytest.raises(E.UnknownRunError):
         entropy_vs_action(ledger, ["nope"])
-    with pytest.raises(E.UnknownStreamError, match="its streams are"):
+    with pytest.raises(E.UnknownStreamError, match="its streams are .*run.log\\(ids, right=logits.argmax"):
         accuracy_vs_threshold(ledger, RUNS, correct="right")
+    with pytest.raises(E.UnknownStreamError, match="softmax\\(logits\\).*or pass probabilities="):
+        entropy_vs_action(ledger, RUNS, probs="softmax")
     with pytest.raises(E.ShapeMismatchError, match="is scalar"):
         entropy_vs_action(ledger, RUNS, probs="loss")
 

@@ -167,7 +167,10 @@ class _Features:
             self.describe = "features= rows with a NaN or infinite value"
             return
         self._user = None
-        self._array, self._tick, self.element = stream_at_tick(ledger, run, stream, tick, need_element=True)
+        self._array, self._tick, self.element = stream_at_tick(
+            ledger, run, stream, tick, need_element=True,
+            hint=f"log features with run.log(ids, {stream}=penultimate_layer_output), or pass features=",
+        )
         self.describe = f"stream {stream!r} at tick {self._tick}"
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
@@ -191,14 +194,15 @@ class _Features:
 
 
 def stream_at_tick(
-    ledger: Ledger, run: str, stream: str, tick: int, *, need_element: bool
+    ledger: Ledger, run: str, stream: str, tick: int, *, need_element: bool, hint: str
 ) -> tuple[zarr.Array, int, tuple[int, ...]]:
     """The array of ``stream`` in ``run``, the committed tick ``tick`` (negative from the end) and the element
-    shape; raises if the stream is missing, has no ticks, or is scalar (``need_element``) or not."""
+    shape; raises if the stream is missing (the message ends with ``hint``: what to log), has no ticks, or is
+    scalar (``need_element``) or not."""
     commit = read_run_attrs(ledger._io, run)["commit"]
     if stream not in commit["streams"]:
         raise UnknownStreamError(
-            f"run {run!r} has no committed stream {stream!r}; its streams are {sorted(commit['streams'])}"
+            f"run {run!r} has no committed stream {stream!r}; its streams are {sorted(commit['streams'])}: {hint}"
         )
     element = tuple(int(d) for d in commit["streams"][stream]["element_shape"])
     if need_element and not element:

@@ -249,7 +249,11 @@ def _mean_and_half_width(accuracy: np.ndarray, confidence: float, t_value: float
 
 def _scalar_at_tick(ledger: Ledger, run: str, stream: str, tick: int) -> np.ndarray:
     """(N,) float64 values of a scalar stream at one committed tick, NaN where not logged."""
-    array, position, _ = stream_at_tick(ledger, run, stream, tick, need_element=False)
+    array, position, _ = stream_at_tick(
+        ledger, run, stream, tick, need_element=False,
+        hint=f"log 0/1 correctness with run.log(ids, {stream}=logits.argmax(1) == y), or pass {stream}= the name "
+        "of such a stream",
+    )
     out = np.empty(ledger.n_samples)
     for slab in scan(array, np.array([position])):
         out[slab.lo : slab.hi] = slab.values[0]
@@ -272,7 +276,9 @@ def _ensemble_entropy(
         n_classes = user.shape[2]
         step = max(1, BLOCK_VALUES // max(1, n_classes))
     else:
-        opened = [stream_at_tick(ledger, run, probs, tick, need_element=True) for run in runs]
+        hint = (f"log class probabilities with run.log(ids, {probs}=softmax(logits)) (element shape (C,)), or pass "
+                "probabilities= (runs, samples, classes)")
+        opened = [stream_at_tick(ledger, run, probs, tick, need_element=True, hint=hint) for run in runs]
         shapes = {element for _, _, element in opened}
         if len(shapes) != 1 or len(next(iter(shapes))) != 1:
             raise ShapeMismatchError(
