@@ -1,19 +1,47 @@
 """Stream a stream's committed values block by block: never the whole (ticks x samples) matrix.
 
-A scan walks sample blocks (a whole number of stored chunks wide) and, inside each, groups of ticks, so the
-values in memory at once are one slab of at most ``budget_bytes`` (float32), plus the caller's per-block state.
+A scan walks sample blocks (a whole number of stored chunks wide) and, inside each, groups of ticks. Each
+group is one slab of at most half of ``budget_bytes`` (float32): the next slab is read while the caller works
+on the current one, so the two fit in the budget together.
+
+Chunks are read and decoded straight from their files: :class:`ChunkSource` reads the chunk file and blosc
+decodes it (numcodecs) into its place in the slab, in a small pool of threads (file reads and blosc release
+the GIL, so decoding runs beside the caller's numpy work). That skips Zarr's per-call indexing and event loop,
+~10x the decode itself for 1 MiB chunks. Arrays that are not local ``bytes`` + ``blosc`` Zarr v3 arrays with a
+NaN fill value (none that lossledger writes) are read through Zarr instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
+import numcodecs.blosc
 import numpy as np
 import zarr
+from zarr.storage import LocalStore
 
-#: Default bytes of one slab: a few MB more than a chunk keeps reads sequential and numpy vectorized.
+from .errors import CorruptLedgerError
+
+#: Bytes of slabs in memory at once (the slab the caller holds and the one being read ahead), float32.
 SCAN_BUDGET_BYTES = 64 << 20
+#: Threads that read and decode chunks. Two keep a two-core machine busy beside the caller's numpy work.
+READ_THREADS = max(2, min(4, os.cpu_count() or 2))
+#: Chunks a :func:`read_chunks` keeps in flight ahead of its caller.
+READ_AHEAD_CHUNKS = 8
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _read_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lossledger-read")
+    return _pool
 
 
 @dataclass(frozen=True)
@@ -26,31 +54,172 @@ class Slab:
     block_end: bool  # True for the last slab of a sample block
 
 
+class ChunkSource:
+    """Reads one stream array (T, N, *element) chunk by chunk: tick ``t``, chunk column ``col``.
+
+    Chunk column ``col`` holds sample rows ``col * per_chunk`` up to ``(col + 1) * per_chunk`` (clipped to
+    N). A chunk that was never written (no sample logged in the tick) reads as NaN, its fill value. Safe to
+    call from several threads at once.
+    """
+
+    def __init__(self, array: zarr.Array) -> None:
+        self.array = array
+        self.n = int(array.shape[1])
+        self.per_chunk = int(array.chunks[1])
+        self.element = tuple(int(d) for d in array.shape[2:])
+        self.dtype = np.dtype(array.dtype)
+        self.n_cols = -(-self.n // self.per_chunk)
+        self._folder = _chunk_folder(array)
+        self._suffix = "/0" * len(self.element)
+        self._nbytes = self.per_chunk * int(np.prod(self.element, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def direct(self) -> bool:
+        """True when chunks are decoded straight from their files, False when read through Zarr."""
+        return self._folder is not None
+
+    def width(self, col: int) -> int:
+        """Sample rows in chunk column ``col``."""
+        return min(self.per_chunk, self.n - col * self.per_chunk)
+
+    def read(self, tick: int, col: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Values of chunk ``(tick, col)`` as float32, shape ``(width(col), *element)``, written into ``out`` if given.
+
+        Memory: the result, plus one decoded chunk for an edge chunk or a float16 stream.
+        """
+        lo = col * self.per_chunk
+        w = self.width(col)
+        if out is None:
+            out = np.empty((w, *self.element), np.float32)
+        if self._folder is None:
+            out[...] = self.array[tick, lo : lo + w]
+            return out
+        path = self._folder / f"{tick}/{col}{self._suffix}"
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            out.fill(np.nan)
+            return out
+        whole = w == self.per_chunk and self.dtype == np.float32 and out.flags.c_contiguous
+        target = out if whole else np.empty((self.per_chunk, *self.element), self.dtype)
+        try:
+            # Blosc's header: uncompressed size at bytes 4-8, compressed size at 12-16 (little-endian).
+            nbytes, cbytes = int.from_bytes(data[4:8], "little"), int.from_bytes(data[12:16], "little")
+            if len(data) < 16 or nbytes != self._nbytes or cbytes != len(data):
+                raise ValueError(f"its blosc header says {nbytes} bytes from {cbytes}, not {self._nbytes} from {len(data)}")
+            numcodecs.blosc.decompress(data, target)
+        except (RuntimeError, ValueError) as err:
+            raise CorruptLedgerError(
+                f"chunk {path} cannot be decoded ({err}); the ledger is damaged: restore it from a copy"
+            ) from err
+        if not whole:
+            out[...] = target[:w]
+        return out
+
+
+def _chunk_folder(array: zarr.Array) -> Path | None:
+    """The folder of ``array``'s chunk files if this module can decode them itself, else None."""
+    store = array.store
+    if not isinstance(store, LocalStore):
+        return None
+    meta = array.metadata.to_dict()
+    codecs = list(meta.get("codecs", ()))
+    names = [c.get("name") for c in codecs]
+    encoding = meta.get("chunk_key_encoding", {})
+    little = np.little_endian and codecs and codecs[0].get("configuration", {}).get("endian", "little") == "little"
+    fill = meta.get("fill_value")
+    if (
+        names != ["bytes", "blosc"]
+        or not little
+        or meta.get("data_type") not in ("float32", "float16")
+        or not (isinstance(fill, str) and fill == "NaN" or isinstance(fill, float) and np.isnan(fill))
+        or encoding.get("name") != "default"
+        or encoding.get("configuration", {}).get("separator", "/") != "/"
+    ):
+        return None
+    return Path(store.root) / array.path / "c"
+
+
+def read_chunks(source: ChunkSource, keys: Iterable[tuple[int, int]]) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    """Yield ``((tick, col), values)`` for each key in order, reading up to ``READ_AHEAD_CHUNKS`` ahead in threads.
+
+    Memory: at most ``READ_AHEAD_CHUNKS + 1`` decoded chunks (about 1 MiB each).
+    """
+    pool = _read_pool()
+    todo = iter(keys)
+    pending: deque[tuple[tuple[int, int], Future[np.ndarray]]] = deque()
+    try:
+        for key in todo:
+            pending.append((key, pool.submit(source.read, *key)))
+            if len(pending) > READ_AHEAD_CHUNKS:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        for _, future in pending:
+            future.cancel()
+
+
 def scan(array: zarr.Array, tick_index: np.ndarray, *, budget_bytes: int | None = None) -> Iterator[Slab]:
     """Yield slabs of ``array`` (T, N, *element) at the ticks ``tick_index`` (sorted, unique), block by block.
 
-    Memory: one slab, at most ``max(budget_bytes, one chunk)`` bytes of float32 (default
-    ``SCAN_BUDGET_BYTES``).
+    Memory: two slabs (the one yielded and the next, read meanwhile), together at most
+    ``max(budget_bytes, two chunk rows)`` bytes of float32 (default ``SCAN_BUDGET_BYTES``). A yielded slab's
+    values are the caller's: they are never written again.
     """
     budget_bytes = SCAN_BUDGET_BYTES if budget_bytes is None else budget_bytes
-    n = int(array.shape[1])
-    per_chunk = int(array.chunks[1])
-    element = tuple(int(d) for d in array.shape[2:])
-    element_bytes = 4 * int(np.prod(element, dtype=np.int64))
+    slab_bytes = max(1, budget_bytes // 2)
+    source = ChunkSource(array)
+    n, per_chunk = source.n, source.per_chunk
+    element_bytes = 4 * int(np.prod(source.element, dtype=np.int64))
     n_ticks = int(tick_index.size)
     if n_ticks == 0 or n == 0:
         return
     # As many whole chunks per block as fit with all ticks; if even one chunk does not, split the ticks.
-    chunks_per_block = max(1, budget_bytes // max(1, n_ticks * per_chunk * element_bytes))
+    chunks_per_block = max(1, slab_bytes // max(1, n_ticks * per_chunk * element_bytes))
     width = min(n, chunks_per_block * per_chunk)
-    ticks_per_slab = int(max(1, min(n_ticks, budget_bytes // max(1, width * element_bytes))))
-    runs = _contiguous_runs(tick_index)
-    for lo in range(0, n, width):
-        hi = min(n, lo + width)
-        for start in range(0, n_ticks, ticks_per_slab):
-            stop = min(n_ticks, start + ticks_per_slab)
-            values = _read(array, tick_index, runs, start, stop, lo, hi)
+    ticks_per_slab = int(max(1, min(n_ticks, slab_bytes // max(1, width * element_bytes))))
+    plan = [
+        (lo, min(n, lo + width), start, min(n_ticks, start + ticks_per_slab))
+        for lo in range(0, n, width)
+        for start in range(0, n_ticks, ticks_per_slab)
+    ]
+    if not source.direct:
+        runs = _contiguous_runs(tick_index)
+        for lo, hi, start, stop in plan:
+            values = _read_zarr(array, tick_index, runs, start, stop, lo, hi)
             yield Slab(lo, hi, np.arange(start, stop), values, start == 0, stop == n_ticks)
+        return
+    pending = _submit(source, tick_index, plan[0])
+    try:
+        for i, (lo, hi, start, stop) in enumerate(plan):
+            values, futures = pending
+            for future in futures:
+                future.result()
+            pending = _submit(source, tick_index, plan[i + 1]) if i + 1 < len(plan) else (values, [])
+            yield Slab(lo, hi, np.arange(start, stop), values, start == 0, stop == n_ticks)
+    finally:
+        for future in pending[1]:
+            future.cancel()
+
+
+def _submit(
+    source: ChunkSource, tick_index: np.ndarray, item: tuple[int, int, int, int]
+) -> tuple[np.ndarray, list[Future[np.ndarray]]]:
+    """Start reading one slab into a new array; return it with the futures that fill it."""
+    lo, hi, start, stop = item
+    values = np.empty((stop - start, hi - lo, *source.element), np.float32)
+    pool = _read_pool()
+    futures = []
+    for col in range(lo // source.per_chunk, -(-hi // source.per_chunk)):
+        a = col * source.per_chunk - lo
+        b = a + source.width(col)
+        for i in range(stop - start):
+            futures.append(pool.submit(source.read, int(tick_index[start + i]), col, values[i, a:b]))
+    return values, futures
 
 
 def _contiguous_runs(tick_index: np.ndarray) -> list[tuple[int, int]]:
@@ -60,7 +229,7 @@ def _contiguous_runs(tick_index: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _read(
+def _read_zarr(
     array: zarr.Array, tick_index: np.ndarray, runs: list[tuple[int, int]], start: int, stop: int, lo: int, hi: int
 ) -> np.ndarray:
     # Basic slices over consecutive ticks are ~10x faster in Zarr than orthogonal (integer-array) selection.

@@ -38,48 +38,85 @@ def tick_durations(dt: str, step: np.ndarray, wall: np.ndarray) -> np.ndarray:
     return np.diff(series, prepend=0.0)
 
 
-class _BlockMoments:
-    """Running statistics of one sample block, combined slab by slab (Chan et al.'s parallel variance)."""
+#: Values per tile: statistics are reduced over ticks tile by tile (a few thousand samples wide), so that the
+#: float64 temporaries of a tile (8 bytes per value) stay in the CPU cache instead of streaming through memory.
+TILE_VALUES = 1 << 18
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.n = np.zeros(shape, np.int64)
-        self.mean = np.zeros(shape, np.float64)
-        self.m2 = np.zeros(shape, np.float64)
-        self.action = np.zeros(shape, np.float64)
-        self.first = np.full(shape, np.nan, np.float64)
-        self.last = np.full(shape, np.nan, np.float64)
-        self.min = np.full(shape, np.inf, np.float64)
-        self.max = np.full(shape, -np.inf, np.float64)
+
+class _BlockMoments:
+    """Running statistics of one sample block, combined slab by slab (Chan et al.'s parallel variance).
+
+    ``shape``: (w, *element) of the block; ``k``: how many Δt series the action is computed for at once.
+    Memory: ~(64 + 8 k) bytes per value of the block, plus float64 temporaries of one tile.
+    """
+
+    def __init__(self, shape: tuple[int, ...], k: int = 1) -> None:
+        m = int(np.prod(shape, dtype=np.int64))
+        self.shape = shape
+        self.fresh = True  # no slab seen yet
+        self.n = np.zeros(m, np.int64)
+        self.mean = np.zeros(m, np.float64)
+        self.m2 = np.zeros(m, np.float64)
+        self.action = np.zeros((k, m), np.float64)
+        self.first = np.full(m, np.nan, np.float64)
+        self.last = np.full(m, np.nan, np.float64)
+        self.min = np.full(m, np.nan, np.float64)
+        self.max = np.full(m, np.nan, np.float64)
 
     def update(self, values: np.ndarray, dts: np.ndarray) -> None:
-        valid = ~np.isnan(values)
-        count = valid.sum(axis=0)
-        seen = count > 0
-        zeroed = np.where(valid, values, 0.0).astype(np.float64)
-        weights = dts.reshape((-1,) + (1,) * (values.ndim - 1))
-        self.action += (zeroed * weights).sum(axis=0)
-        group_mean = np.divide(zeroed.sum(axis=0), count, out=np.zeros(count.shape), where=seen)
-        group_m2 = np.where(valid, (values - group_mean) ** 2, 0.0).sum(axis=0)
-        total = self.n + count
-        delta = group_mean - self.mean
-        share = np.divide(count, total, out=np.zeros(count.shape), where=total > 0)
-        self.m2 += group_m2 + delta**2 * self.n * share
-        self.mean += delta * share
-        first_pos = np.argmax(valid, axis=0)
-        last_pos = values.shape[0] - 1 - np.argmax(valid[::-1], axis=0)
-        take = lambda pos: np.take_along_axis(values, pos[None], axis=0)[0]  # noqa: E731
-        fresh = seen & (self.n == 0)
-        self.first[fresh] = take(first_pos)[fresh]
-        self.last[seen] = take(last_pos)[seen]
-        self.min = np.minimum(self.min, np.where(valid, values, np.inf).min(axis=0))
-        self.max = np.maximum(self.max, np.where(valid, values, -np.inf).max(axis=0))
-        self.n = total
+        """Add a slab: ``values`` (g, w, *element) float32, NaN = not observed; ``dts`` (k, g) Δt of its ticks."""
+        g = values.shape[0]
+        x = values.reshape(g, -1)
+        weighted = [i for i in range(dts.shape[0]) if not np.all(dts[i] == 1.0)]  # the others are plain sums
+        step = max(1, TILE_VALUES // max(1, g))
+        for c0 in range(0, x.shape[1], step):
+            sl = slice(c0, min(x.shape[1], c0 + step))
+            tile = x[:, sl]
+            stats = _tile_stats(tile, dts, weighted)
+            bad = np.isnan(stats[1])  # a column with a missing value: redo it with the masked kernel
+            if bad.any():
+                stats = _patch(stats, bad, tile, dts, weighted)
+            self._combine(sl, *stats)
+        self.fresh = False
+
+    def _combine(self, sl: slice, count, total, m2, action, first, last, lo, hi) -> None:
+        """Fold a tile's statistics into columns ``sl``; ``count`` is an int when no value of the tile is missing."""
+        dense = np.ndim(count) == 0
+        mean = total / count if dense else total / np.maximum(count, 1)
+        if self.fresh:
+            self.n[sl] = count
+            self.mean[sl] = mean
+            self.m2[sl] = m2
+            self.action[:, sl] = action
+            self.first[sl] = first
+            self.last[sl] = last
+            self.min[sl] = lo
+            self.max[sl] = hi
+            return
+        n_a = self.n[sl]
+        n = n_a + count
+        share = count / n if dense else np.divide(count, n, out=np.zeros(n.shape), where=n > 0)
+        delta = mean - self.mean[sl]
+        self.m2[sl] += m2 + delta**2 * n_a * share
+        self.mean[sl] += delta * share
+        self.action[:, sl] += action
+        new = n_a == 0
+        if dense:
+            self.last[sl] = last
+        else:
+            seen = count > 0
+            new &= seen
+            self.last[sl][seen] = last[seen]
+        if new.any():
+            self.first[sl][new] = first[new]
+        np.fmin(self.min[sl], lo, out=self.min[sl])
+        np.fmax(self.max[sl], hi, out=self.max[sl])
+        self.n[sl] = n
 
     def per_sample(self) -> dict[str, np.ndarray]:
-        """Statistics per sample (element statistics averaged over observed elements)."""
+        """Statistics per sample (element statistics averaged over observed elements); ``action`` is (k, w)."""
         observed = self.n > 0
         stats = {
-            "action": self.action,
             "variance": np.divide(self.m2, self.n, out=np.zeros(self.n.shape), where=observed),
             "mean": self.mean,
             "first": self.first,
@@ -87,19 +124,79 @@ class _BlockMoments:
             "min": self.min,
             "max": self.max,
         }
-        out: dict[str, np.ndarray] = {}
-        if self.n.ndim == 1:
-            for name, values in stats.items():
-                out[name] = np.where(observed, values, np.nan)
+        w = self.shape[0]
+        if len(self.shape) == 1:
+            out = {name: np.where(observed, values, np.nan) for name, values in stats.items()}
+            out["action"] = np.where(observed, self.action, np.nan)
             out["n_obs"] = self.n
             return out
-        axes = tuple(range(1, self.n.ndim))
-        n_elements = observed.sum(axis=axes)
-        for name, values in stats.items():
-            total = np.where(observed, values, 0.0).sum(axis=axes)
-            out[name] = np.divide(total, n_elements, out=np.full(total.shape, np.nan), where=n_elements > 0)
-        out["n_obs"] = self.n.max(axis=axes)
+        observed = observed.reshape(w, -1)
+        n_elements = observed.sum(axis=1)
+        some = n_elements > 0
+
+        def average(values: np.ndarray) -> np.ndarray:
+            total = np.where(observed, values.reshape(w, -1), 0.0).sum(axis=1)
+            return np.divide(total, n_elements, out=np.full(total.shape, np.nan), where=some)
+
+        out = {name: average(values) for name, values in stats.items()}
+        out["action"] = np.stack([average(row) for row in self.action])
+        out["n_obs"] = self.n.reshape(w, -1).max(axis=1)
         return out
+
+
+def _tile_stats(x: np.ndarray, dts: np.ndarray, weighted: list[int]) -> tuple:
+    """Statistics of a tile (g, w) with no missing value: (count, sum, m2, action (k, w), first, last, min, max),
+    ``count`` an int (g).
+
+    A column with a NaN comes out with a NaN sum (and is redone by :func:`_patch`).
+    """
+    g = x.shape[0]
+    total = x.sum(axis=0, dtype=np.float64)
+    d = x - total / g  # float64
+    m2 = np.einsum("ij,ij->j", d, d)
+    action = _actions(total, x, dts, weighted)
+    return g, total, m2, action, x[0], x[-1], x.min(axis=0), x.max(axis=0)
+
+
+def _masked_stats(x: np.ndarray, dts: np.ndarray, weighted: list[int]) -> tuple:
+    """Like :func:`_tile_stats` for a tile with missing values (NaN): they are skipped."""
+    valid = ~np.isnan(x)
+    count = valid.sum(axis=0)
+    z = np.where(valid, x, np.float32(0))
+    total = z.sum(axis=0, dtype=np.float64)
+    d = z - total / np.maximum(count, 1)
+    d[~valid] = 0.0
+    m2 = np.einsum("ij,ij->j", d, d)
+    action = _actions(total, z, dts, weighted)
+    cols = np.arange(x.shape[1])
+    first = x[np.argmax(valid, axis=0), cols]
+    last = x[x.shape[0] - 1 - np.argmax(valid[::-1], axis=0), cols]
+    return count, total, m2, action, first, last, np.fmin.reduce(x, axis=0), np.fmax.reduce(x, axis=0)
+
+
+def _actions(total: np.ndarray, z: np.ndarray, dts: np.ndarray, weighted: list[int]) -> np.ndarray:
+    """Σ_t z·Δt for each Δt series (k, w): the plain sum where Δt is 1, else one product per series (so that
+    a mode's action is bit-identical whichever other modes are computed with it)."""
+    action = np.empty((dts.shape[0], z.shape[1]))
+    action[:] = total
+    for i in weighted:
+        action[i] = dts[i] @ z
+    return action
+
+
+def _patch(stats: tuple, bad: np.ndarray, x: np.ndarray, dts: np.ndarray, weighted: list[int]) -> tuple:
+    """Replace the statistics of the columns ``bad`` (which have missing values) by the masked kernel's."""
+    if bad.all():
+        return _masked_stats(x, dts, weighted)
+    fixed = _masked_stats(x[:, bad], dts, weighted)
+    count = np.full(x.shape[1], stats[0], np.int64)
+    count[bad] = fixed[0]
+    out = [count]
+    for values, patch in zip(stats[1:], fixed[1:]):
+        values = np.array(values, np.float64)  # a copy: x[0], x[-1] are views of the slab
+        values[..., bad] = patch
+        out.append(values)
+    return tuple(out)
 
 
 def score_blocks(
@@ -107,18 +204,24 @@ def score_blocks(
 ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """Yield ``(lo, hi, stats)`` per sample block of ``array`` over the ticks ``tick_index``.
 
-    ``dts``: Δt of each tick in ``tick_index``. Memory: one slab (``budget_bytes``, default 64 MB) plus ~60 bytes per
-    element of the block; never the whole (ticks x samples) matrix.
+    ``dts``: Δt of each tick in ``tick_index``, (n,) or (k, n) for k Δt series at once (one read of the data);
+    ``stats["action"]`` is then (hi - lo,) or (k, hi - lo). Memory: the scan's slabs (``budget_bytes``,
+    default 64 MB in all) plus ~(70 + 8 k) bytes per value of the block; never the whole (ticks x samples)
+    matrix.
     """
+    series = np.atleast_2d(np.asarray(dts, dtype=np.float64))
     state: _BlockMoments | None = None
     slab: Slab
     for slab in scan(array, tick_index, budget_bytes=budget_bytes):
         if slab.block_start:
-            state = _BlockMoments(slab.values.shape[1:])
+            state = _BlockMoments(slab.values.shape[1:], series.shape[0])
         assert state is not None
-        state.update(slab.values, dts[slab.ticks])
+        state.update(slab.values, series[:, slab.ticks])
         if slab.block_end:
-            yield slab.lo, slab.hi, state.per_sample()
+            stats = state.per_sample()
+            if np.ndim(dts) == 1:
+                stats["action"] = stats["action"][0]
+            yield slab.lo, slab.hi, stats
 
 
 def scores_schema(with_label: bool) -> pa.Schema:

@@ -9,8 +9,10 @@
   (computed on first use and read from the parquet cache after; see :meth:`Ledger.scores`). A sample never
   observed has NULL scores here (NaN in :meth:`Ledger.scores`), so aggregates skip it.
 - ``losses(run, stream, tick, sample_id, value)``: every observed value of every scalar stream, one row each
-  (unlogged NaNs are not rows), streamed lazily from the Zarr chunks at each scan (memory: one 64 MB slab);
-  float16 streams are read as float32. Element streams (pixels, embeddings) are not in this view.
+  (unlogged NaNs are not rows), streamed lazily from the Zarr chunks at each scan (memory: a few chunks of
+  ~1 MiB); float16 streams are read as float32. Element streams (pixels, embeddings) are not in this view.
+  Filters on ``run``, ``stream``, ``tick`` and ``sample_id`` (``=``, ``IN (...)``, ranges) reach the reader,
+  which then decodes only the chunks that may hold matching rows (:class:`LossesView`).
 
 The views are read-only: nothing done through SQL changes the ledger.
 """
@@ -19,15 +21,18 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 
 from ._commit import list_runs, read_run_attrs
-from ._scan import scan
-from ._scoring import cache_path, stored_scores
+from ._scan import ChunkSource, read_chunks
+from ._scoring import cache_path, stored_scores_all
 from .format import stream_key
 from .scores import DT_MODES
 
@@ -43,44 +48,273 @@ LOSSES_SCHEMA = pa.schema(
         pa.field("value", pa.float32()),
     ]
 )
+#: Pieces of the view that a filter is checked against are split this many ways at each level (ticks).
+_SPLIT = 16
+#: Row number of each sample, in the probe table of :meth:`LossesView._probe` (not a column of the view).
+_ROW = "lossledger_row"
+#: Never opened: the fragments of :func:`_satisfiable` only carry partition expressions, nothing is read.
+_NOWHERE = pafs.LocalFileSystem()
 
 
-class LossesSource:
-    """The ``losses`` view's data: an Arrow C stream that reads the ledger afresh at every scan."""
+class LossesView(ds.InMemoryDataset):
+    """The ``losses`` view's data: a ``pyarrow.dataset.Dataset`` that reads the ledger afresh at every scan.
 
-    def __init__(self, ledger: Ledger) -> None:
+    DuckDB scans a registered Dataset through ``type(dataset).scanner(dataset, columns=..., filter=...)``, with
+    the query's filters on the view's columns as a pyarrow expression: ``sample_id IN (...)``, ``=``, ranges,
+    comparisons on ``run``, ``stream``, ``tick``, and ANDs/ORs of those (not the filters a join or a subquery
+    implies). :meth:`scanner` reads only the chunks that may hold rows passing the filter, and Arrow decides
+    which: each (run, stream), each tick, and each chunk column is described by what all its rows satisfy
+    (``run == r and stream == s``, ``tick == t``, ``sample_id`` between the chunk's least and greatest id),
+    and the filter is simplified against that the way Arrow prunes dataset fragments by their partition
+    expressions, so a piece is skipped only when Arrow proves no row of it can pass (:func:`_satisfiable`). The
+    rows of the chunks read are then filtered exactly by the returned ``pyarrow.dataset.Scanner``.
+
+    Chunk columns are chosen by ``sample_id`` exactly when the filter mentions neither ``tick`` nor ``value``
+    (``WHERE sample_id IN (...)``, with or without ``run``/``stream``): it is evaluated on every sample id
+    (:meth:`_probe`), so a chunk is read only if it holds a wanted id, whatever the order of the ids, and only
+    the rows of wanted ids are handed on to be filtered. With
+    ``tick`` in the filter too, chunks are chosen by their range of ids, which Arrow decides exactly for up to
+    50 listed ids (more, and every chunk of the kept ticks is read) and as sharply as ids increase along rows.
+
+    The base is an empty in-memory dataset of the view's schema: DuckDB needs a ``Dataset`` instance, and the
+    Python methods (``to_table``, ``to_batches``, ``head``, ``take``, ``count_rows``) all scan through
+    :meth:`scanner`. Consumers that bypass Python and read the C++ dataset (``Scanner.from_dataset``, Acero)
+    would see it empty: scan the view through its methods.
+
+    Memory: the chunks being read and those read ahead (:data:`lossledger._scan.READ_AHEAD_CHUNKS`, ~1 MiB
+    each) and the record batches the consumer holds; never the (ticks x samples) matrix.
+    """
+
+    def __init__(self, ledger: Ledger, condition: pc.Expression | None = None) -> None:
+        super().__init__(LOSSES_SCHEMA.empty_table())
         self._ledger = ledger
+        self._condition = condition
+        self._id_ranges: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def scanner(self, columns: Any = None, filter: pc.Expression | None = None, **kwargs: Any) -> ds.Scanner:  # noqa: A002
+        """A one-shot ``pyarrow.dataset.Scanner`` over the ledger as committed now (``columns``/``filter`` as pyarrow's)."""
+        condition = _and(self._condition, filter)
+        names = [f.name for f in LOSSES_SCHEMA]
+        if isinstance(columns, (list, tuple)):
+            wanted = set(columns) | _referenced(condition)
+            names = [name for name in names if name in wanted]
+        schema = pa.schema([LOSSES_SCHEMA.field(name) for name in names])
+        batches = self._batches(self._plan(condition), schema)
+        return ds.Scanner.from_batches(batches, schema=schema, columns=columns, filter=condition, **kwargs)
+
+    def filter(self, expression: pc.Expression) -> LossesView:  # noqa: A003
+        """The view with ``expression`` applied at every scan, lazily."""
+        return LossesView(self._ledger, _and(self._condition, expression))
+
+    def get_fragments(self, filter: pc.Expression | None = None):  # noqa: A002
+        return self._materialized().get_fragments(filter=filter)
+
+    def join(self, *args: Any, **kwargs: Any) -> ds.InMemoryDataset:
+        return self._materialized().join(*args, **kwargs)
+
+    def join_asof(self, *args: Any, **kwargs: Any) -> ds.InMemoryDataset:
+        return self._materialized().join_asof(*args, **kwargs)
+
+    def sort_by(self, *args: Any, **kwargs: Any) -> ds.InMemoryDataset:
+        return self._materialized().sort_by(*args, **kwargs)
+
+    def replace_schema(self, schema: pa.Schema) -> ds.InMemoryDataset:
+        return self._materialized().replace_schema(schema)
+
+    def _materialized(self) -> ds.InMemoryDataset:
+        """The view as an in-memory dataset, for pyarrow's operations that work on whole tables (memory: all of it)."""
+        return ds.InMemoryDataset(self.to_table())
 
     def __arrow_c_stream__(self, requested_schema: Any = None) -> Any:
-        reader = pa.RecordBatchReader.from_batches(LOSSES_SCHEMA, self._batches())
-        return reader.__arrow_c_stream__(requested_schema)
+        return self.scanner().to_reader().__arrow_c_stream__(requested_schema)
 
-    def _batches(self):
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _losses_view_at, (str(self._ledger.path), self._condition)
+
+    # --- which chunks -----------------------------------------------------------------------------------
+    def _plan(self, condition: pc.Expression | None) -> list[_Piece]:
+        """What to read of the scalar streams of every run, given ``condition`` (None: everything)."""
         io = self._ledger._io
-        sample_id = self._ledger._samples.sample_id
+        refs = _referenced(condition)
+        pieces = []
         for run in list_runs(io):
             commit = read_run_attrs(io, run)["commit"]
             for stream, record in sorted(commit["streams"].items()):
-                if record["element_shape"]:
-                    continue
-                array = io.open_array(stream_key(run, stream))
-                ticks = np.arange(commit["ticks"], dtype=np.int64)
-                for slab in scan(array, ticks):
-                    for offset, tick in enumerate(ticks[slab.ticks]):
-                        values = slab.values[offset]
-                        keep = np.flatnonzero(~np.isnan(values))
-                        if keep.size == 0:
-                            continue
-                        yield pa.RecordBatch.from_arrays(
-                            [
-                                pa.array(np.full(keep.size, run, dtype=object), pa.string()),
-                                pa.array(np.full(keep.size, stream, dtype=object), pa.string()),
-                                pa.array(np.full(keep.size, tick, dtype=np.int32)),
-                                pa.array(sample_id[slab.lo + keep]),
-                                pa.array(values[keep]),
-                            ],
-                            schema=LOSSES_SCHEMA,
-                        )
+                if not record["element_shape"] and commit["ticks"]:
+                    pieces.append((run, stream, commit["ticks"]))
+        if condition is None or not pieces:
+            keep = np.ones(len(pieces), bool)
+        else:
+            keep = _satisfiable(condition, [_where(run, stream) for run, stream, _ in pieces])
+        plan = []
+        probes: dict[tuple[str | None, str | None], np.ndarray] = {}
+        for (run, stream, n_ticks), kept in zip(pieces, keep):
+            if not kept:
+                continue
+            source = ChunkSource(io.open_array(stream_key(run, stream)))
+            ticks = np.arange(n_ticks)
+            cols = np.arange(source.n_cols)
+            rows = None
+            if condition is not None and "tick" in refs:
+                ticks = _kept_ticks(condition, _where(run, stream), n_ticks)
+            if condition is not None and "sample_id" in refs and refs.isdisjoint({"tick", "value"}):
+                rows = self._probe(condition, refs, run, stream, probes)
+                starts = np.arange(0, rows.size, source.per_chunk)
+                cols = cols[np.logical_or.reduceat(rows, starts)] if rows.size else cols[:0]
+            elif condition is not None and "sample_id" in refs and cols.size:
+                lows, highs = self._ranges(source.per_chunk)
+                ids = pc.field("sample_id")
+                guarantees = [
+                    _where(run, stream) & (ids >= pa.scalar(int(a), pa.int64())) & (ids <= pa.scalar(int(b), pa.int64()))
+                    for a, b in zip(lows, highs)
+                ]
+                cols = cols[_satisfiable(condition, guarantees)]
+            if ticks.size and cols.size:
+                plan.append(_Piece(run, stream, source, ticks, cols, rows))
+        return plan
+
+    def _probe(
+        self, condition: pc.Expression, refs: set[str], run: str, stream: str,
+        memo: dict[tuple[str | None, str | None], np.ndarray],
+    ) -> np.ndarray:
+        """Which sample rows pass ``condition`` (N,) bool, when it mentions only ``run``, ``stream`` and
+        ``sample_id``: it is evaluated on every sample id with the run and stream known, so the answer is exact
+        for every tick. One evaluation serves every (run, stream) the condition does not tell apart. Memory:
+        a table of the N ids (~16 bytes per sample)."""
+        key = (run if "run" in refs else None, stream if "stream" in refs else None)
+        if key not in memo:
+            ids = self._ledger._samples.sample_id
+            probe = {"sample_id": pa.array(ids), _ROW: pa.array(np.arange(ids.size))}
+            probe.update({name: _repeated(value, ids.size) for name, value in (("run", run), ("stream", stream))
+                          if name in refs})
+            passed = pa.table(probe).filter(condition)[_ROW].to_numpy()
+            rows = np.zeros(ids.size, bool)
+            rows[passed] = True
+            memo[key] = rows
+        return memo[key]
+
+    def _ranges(self, per_chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Least and greatest sample id of each chunk column (samples never change: computed once per width)."""
+        if per_chunk not in self._id_ranges:
+            ids = self._ledger._samples.sample_id
+            starts = np.arange(0, ids.size, per_chunk)
+            self._id_ranges[per_chunk] = (np.minimum.reduceat(ids, starts), np.maximum.reduceat(ids, starts))
+        return self._id_ranges[per_chunk]
+
+    def _batches(self, plan: list[_Piece], schema: pa.Schema):
+        sample_id = self._ledger._samples.sample_id
+        for piece in plan:
+            source = piece.source
+            text = {"run": _repeated(piece.run, source.per_chunk), "stream": _repeated(piece.stream, source.per_chunk)}
+            keys = ((int(t), int(c)) for t in piece.ticks for c in piece.cols)
+            for (tick, col), values in read_chunks(source, keys):
+                lo = col * source.per_chunk
+                keep = ~np.isnan(values)
+                if piece.rows is not None:  # the rows that pass, known from the probe: Arrow filters only those
+                    keep &= piece.rows[lo : lo + values.size]
+                if keep.all():
+                    ids = sample_id[lo : lo + values.size]
+                else:
+                    rows = np.flatnonzero(keep)
+                    if rows.size == 0:
+                        continue
+                    ids, values = sample_id[lo + rows], values[rows]
+                arrays = []
+                for name in schema.names:
+                    if name in text:
+                        arrays.append(text[name].slice(0, values.size))
+                    elif name == "tick":
+                        arrays.append(pa.array(np.full(values.size, tick, np.int32)))
+                    else:
+                        arrays.append(pa.array(ids if name == "sample_id" else values))
+                yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+class _Piece(NamedTuple):
+    """One (run, stream) of the view to read: its ticks and chunk columns, and the rows to keep if known."""
+
+    run: str
+    stream: str
+    source: ChunkSource
+    ticks: np.ndarray
+    cols: np.ndarray
+    rows: np.ndarray | None  # (N,) bool: the rows that pass the condition at every tick; None: unknown
+
+
+def _losses_view_at(path: str, condition: pc.Expression | None) -> LossesView:
+    from .ledger import open as open_ledger
+
+    return LossesView(open_ledger(path), condition)
+
+
+def _and(a: pc.Expression | None, b: pc.Expression | None) -> pc.Expression | None:
+    return b if a is None else a if b is None else a & b
+
+
+def _where(run: str, stream: str) -> pc.Expression:
+    return (pc.field("run") == run) & (pc.field("stream") == stream)
+
+
+def _referenced(condition: pc.Expression | None) -> set[str]:
+    """Columns of the view that ``condition`` mentions: those without which it cannot be bound."""
+    if condition is None:
+        return set()
+    out = set()
+    for field in LOSSES_SCHEMA:
+        rest = pa.schema([f for f in LOSSES_SCHEMA if f.name != field.name])
+        try:
+            ds.Scanner.from_batches(iter(()), schema=rest, filter=condition)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            out.add(field.name)
+    return out
+
+
+def _satisfiable(condition: pc.Expression, guarantees: list[pc.Expression]) -> np.ndarray:
+    """For each guarantee (what every row of a piece of the view satisfies), whether ``condition`` may hold there.
+
+    Arrow decides, as when it prunes a dataset's fragments by their partition expressions: one fragment per
+    guarantee (files that are never opened), and a fragment is left out only when the condition simplifies
+    to false under its guarantee. Sound for any condition; exact for comparisons, ``is_in``, AND and OR of
+    them on ``run``, ``stream``, ``tick``, and ``sample_id`` against a range.
+    """
+    if not guarantees:
+        return np.zeros(0, bool)
+    paths = [f"/lossledger-losses-view/{i}" for i in range(len(guarantees))]
+    fragments = ds.FileSystemDataset.from_paths(
+        paths, schema=LOSSES_SCHEMA, format=ds.IpcFileFormat(), filesystem=_NOWHERE, partitions=guarantees
+    )
+    keep = np.zeros(len(guarantees), bool)
+    for fragment in fragments.get_fragments(filter=condition):
+        keep[int(fragment.path.rsplit("/", 1)[1])] = True
+    return keep
+
+
+def _kept_ticks(condition: pc.Expression, base: pc.Expression, n_ticks: int) -> np.ndarray:
+    """Ticks ``0..n_ticks-1`` where ``condition`` may hold: ranges of ticks are checked, then split, down to ticks."""
+    tick = pc.field("tick")
+    kept: list[int] = []
+    ranges = [(0, n_ticks)]
+    while ranges:
+        guarantees = [
+            base & (tick == pa.scalar(a, pa.int32())) if b - a == 1
+            else base & (tick >= pa.scalar(a, pa.int32())) & (tick <= pa.scalar(b - 1, pa.int32()))
+            for a, b in ranges
+        ]
+        split = []
+        for (a, b), maybe in zip(ranges, _satisfiable(condition, guarantees)):
+            if not maybe:
+                continue
+            if b - a == 1:
+                kept.append(a)
+                continue
+            step = -(-(b - a) // _SPLIT)
+            split += [(lo, min(b, lo + step)) for lo in range(a, b, step)]
+        ranges = split
+    return np.array(sorted(kept), dtype=np.int64)
+
+
+def _repeated(text: str, n: int) -> pa.Array:
+    return pa.repeat(pa.scalar(text, pa.string()), n)
 
 
 def connect(ledger: Ledger, *, with_scores: bool = True) -> duckdb.DuckDBPyConnection:
@@ -89,7 +323,7 @@ def connect(ledger: Ledger, *, with_scores: bool = True) -> duckdb.DuckDBPyConne
     con.register("samples", _samples_table(ledger))
     con.register("runs", _runs_table(ledger))
     con.register("ticks", _ticks_table(ledger))
-    con.register("losses", LossesSource(ledger))
+    con.register("losses", LossesView(ledger))
     if with_scores:
         _register_scores(con, ledger)
     return con
@@ -165,14 +399,14 @@ def _register_scores(con: duckdb.DuckDBPyConnection, ledger: Ledger) -> None:
     parts = []
     for run in ledger.runs:
         for stream in read_run_attrs(ledger._io, run)["commit"]["streams"]:
+            tables = stored_scores_all(ledger._io, ledger._samples, run, stream)  # the dt modes in one read
             for dt in DT_MODES:
-                table = stored_scores(ledger._io, ledger._samples, run, stream, dt, None)
                 path = cache_path(ledger.path, run, stream, dt)
                 name = f"_scores_{len(parts)}"
                 if path.exists():
                     source = f"read_parquet('{_sql_string(str(path))}')"
                 else:  # not cacheable (read-only folder): the in-memory result
-                    con.register(name, table)
+                    con.register(name, tables[dt])
                     source = name
                 parts.append(
                     f"SELECT '{_sql_string(run)}' AS run, '{stream}' AS stream, '{dt}' AS dt, "

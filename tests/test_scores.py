@@ -55,9 +55,10 @@ def ledgers(draw):
 @given(spec=ledgers(), small_chunks=st.booleans())
 def test_scores_match_numpy(tmp_path_factory, monkeypatch, spec, small_chunks):
     n, steps, masks, seed, window = spec
-    if small_chunks:  # several sample blocks and several tick slabs per block
+    if small_chunks:  # several sample blocks, several tick slabs per block and several tiles per slab
         monkeypatch.setattr("lossledger.format.CHUNK_TARGET_BYTES", 16)
-        monkeypatch.setattr("lossledger._scan.SCAN_BUDGET_BYTES", 48)
+        monkeypatch.setattr("lossledger._scan.SCAN_BUDGET_BYTES", 96)
+        monkeypatch.setattr("lossledger.scores.TILE_VALUES", 5)  # several tiles per slab
     rng = np.random.default_rng(seed)
     path = tmp_path_factory.mktemp("s") / "s.ll"
     led = ll.create(path, n_samples=n, labels=rng.integers(0, 3, n))
@@ -131,3 +132,97 @@ def test_scores_bad_arguments(ledger):
         ledger.scores("r", dt="hour")
     with pytest.raises(E.UnknownStreamError, match="streams are"):
         ledger.scores("r", "margin")
+
+
+def test_all_dt_modes_in_one_read_equal_each_alone(ledger, monkeypatch):
+    from lossledger import _scan
+    from lossledger._scoring import stored_scores, stored_scores_all
+
+    rng = np.random.default_rng(4)
+    with ledger.run("r") as run:
+        for t in range(5):
+            ids = rng.choice(10, size=7, replace=False)
+            run.log(ids, loss=rng.exponential(1.0, 7))
+            run.end_epoch(step=3 * (t + 1) + t)
+    reads = []
+    real = _scan.ChunkSource.read
+    monkeypatch.setattr(_scan.ChunkSource, "read", lambda self, *a, **k: reads.append(a) or real(self, *a, **k))
+    together = stored_scores_all(ledger._io, ledger._samples, "r", "loss")
+    assert len(reads) == 5  # one read of each tick's chunk for the three modes
+    for dt in ("epoch", "step", "wall"):
+        (ledger.path / "cache" / "scores" / "r" / f"loss.{dt}.parquet").unlink()
+        alone = stored_scores(ledger._io, ledger._samples, "r", "loss", dt, None)
+        assert together[dt].equals(alone), dt
+    assert not together["step"]["action"].equals(together["epoch"]["action"])
+
+
+def test_a_held_result_is_reused_until_its_cache_file_changes(ledger):
+    with ledger.run("r") as run:
+        run.log([0, 1], loss=[1.0, 2.0])
+        run.end_epoch()
+    first = ledger.scores("r")
+    assert ledger.scores("r") is first  # Ledger.top after Ledger.scores reads nothing
+    cache = ledger.path / "cache" / "scores" / "r" / "loss.epoch.parquet"
+    cache.unlink()
+    second = ledger.scores("r")
+    assert second is not first and cache.exists()
+    for name in first.column_names:
+        np.testing.assert_array_equal(second[name].to_numpy(), first[name].to_numpy())
+    assert ledger.scores("r", ticks=[0]) is not ledger.scores("r", ticks=[0])  # windows are not cached
+
+
+def test_element_stream_over_many_slabs_and_tiles_matches_numpy(tmp_path, monkeypatch):
+    monkeypatch.setattr("lossledger.format.CHUNK_TARGET_BYTES", 48)  # 3 samples of 2x2 float32 per chunk
+    monkeypatch.setattr("lossledger._scan.SCAN_BUDGET_BYTES", 200)
+    monkeypatch.setattr("lossledger.scores.TILE_VALUES", 7)
+    rng = np.random.default_rng(5)
+    n, n_ticks = 8, 6
+    values = rng.exponential(1.0, (n_ticks, n, 2, 2)).astype(np.float32)
+    values[rng.random(values.shape) < 0.3] = np.nan
+    values[:, 2] = np.nan  # never observed
+    led = ll.create(tmp_path / "e.ll", n_samples=n)
+    with led.run("r", allow_nonfinite=True) as run:
+        for t in range(n_ticks):
+            run.log(np.arange(n), pixel=values[t])
+            run.end_epoch()
+    table = led.scores("r", "pixel")
+    flat = reference(values.reshape(n_ticks, -1), np.ones(n_ticks))
+    observed = (flat["n_obs"] > 0).reshape(n, 4)
+    for name in ("action", "variance", "mean", "first", "last", "min", "max"):
+        per_element = np.where(observed, flat[name].reshape(n, 4), 0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            want = per_element.sum(1) / observed.sum(1)
+        np.testing.assert_allclose(table[name].to_numpy(), want, rtol=1e-9, err_msg=name)
+    assert table["n_obs"].to_pylist() == flat["n_obs"].reshape(n, 4).max(1).tolist()
+
+
+def test_chunk_reader_agrees_with_zarr(tmp_path, monkeypatch):
+    from lossledger._scan import ChunkSource
+
+    monkeypatch.setattr("lossledger.format.CHUNK_TARGET_BYTES", 16)
+    led = ll.create(tmp_path / "z.ll", n_samples=10)
+    rng = np.random.default_rng(6)
+    with led.run("r", stream_dtypes={"half": "float16"}) as run:
+        for t in range(3):
+            ids = np.arange(10) if t != 1 else np.array([9])  # tick 1: most chunks never written
+            run.log(ids, loss=rng.random(ids.size), half=rng.random(ids.size))
+            run.end_epoch()
+    for stream in ("loss", "half"):
+        array = led._io.open_array(f"runs/r/streams/{stream}")
+        source = ChunkSource(array)
+        assert source.direct and source.n_cols == -(-10 // source.per_chunk)
+        for t in range(3):
+            got = np.concatenate([source.read(t, c) for c in range(source.n_cols)])
+            np.testing.assert_array_equal(got, array[t, :].astype(np.float32), err_msg=f"{stream} tick {t}")
+            assert got.dtype == np.float32
+
+
+def test_damaged_chunk_is_reported(ledger):
+    with ledger.run("r") as run:
+        run.log(np.arange(10), loss=np.ones(10))
+        run.end_epoch()
+    chunk = ledger.path / "runs" / "r" / "streams" / "loss" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])
+    with pytest.raises(E.CorruptLedgerError, match="restore it from a copy"):
+        ledger.scores("r")

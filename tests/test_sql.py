@@ -131,3 +131,159 @@ def test_top_errors(filled):
         filled.top(3, "a", by="sample_id")
     with pytest.raises(E.ShapeMismatchError, match="positive integer"):
         filled.top(0, "a")
+
+
+# --- filter pushdown into the losses view --------------------------------------------------------------------
+@pytest.fixture
+def chunked(tmp_path, monkeypatch):
+    """Two runs, two scalar streams, 8 ticks, 50 samples with ids 1000 + 3 * row, 4 samples per chunk (13 chunk
+    columns); some values not logged. Returns (ledger, reference long table as a list of row dicts)."""
+    monkeypatch.setattr("lossledger.format.CHUNK_TARGET_BYTES", 16)
+    n, n_ticks = 50, 8
+    led = ll.create(tmp_path / "c.ll", sample_ids=1000 + 3 * np.arange(n))
+    rng = np.random.default_rng(7)
+    rows = []
+    for run_name in ("a", "b"):
+        with led.run(run_name) as run:
+            for t in range(n_ticks):
+                for stream in ("loss", "margin"):
+                    mask = rng.random(n) < 0.9
+                    if t == 3:
+                        mask[:8] = False  # chunk columns 0 and 1 never written at tick 3
+                    values = rng.random(n).astype(np.float32)
+                    run.log(led.sample_ids[mask], **{stream: values[mask]})
+                    rows += [
+                        {"run": run_name, "stream": stream, "tick": t, "sample_id": int(i), "value": float(v)}
+                        for i, v in zip(led.sample_ids[mask], values[mask])
+                    ]
+                run.end_epoch()
+    return led, rows
+
+
+def count_chunk_reads(monkeypatch) -> list[tuple[int, int]]:
+    """Record every chunk the real chunk reader decodes (a pass-through wrapper around ChunkSource.read)."""
+    from lossledger import _scan
+
+    calls: list[tuple[int, int]] = []
+    real = _scan.ChunkSource.read
+
+    def read(self, tick, col, out=None):
+        calls.append((tick, col))
+        return real(self, tick, col, out)
+
+    monkeypatch.setattr(_scan.ChunkSource, "read", read)
+    return calls
+
+
+def reference(rows: list[dict], sql_where: str) -> list[tuple]:
+    """The same query over the long table built in Python, by DuckDB (no pushdown into a plain Arrow table)."""
+    import duckdb
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("run", pa.string()), ("stream", pa.string()),
+                                                         ("tick", pa.int32()), ("sample_id", pa.int64()),
+                                                         ("value", pa.float32())]))
+    con = duckdb.connect()
+    con.register("losses", table)
+    try:
+        return con.sql(f"SELECT * FROM losses WHERE {sql_where} ORDER BY ALL").fetchall()
+    finally:
+        con.close()
+
+
+def test_in_filter_decodes_only_the_chunks_holding_the_ids(chunked, monkeypatch):
+    led, rows = chunked
+    reads = count_chunk_reads(monkeypatch)
+    ids = [1000 + 3 * 5, 1000 + 3 * 6, 1000 + 3 * 41]  # rows 5, 6 (chunk column 1) and 41 (column 10)
+    where = f"sample_id IN ({', '.join(map(str, ids))})"
+    got = led.sql(f"SELECT * FROM losses WHERE {where} ORDER BY ALL")
+    assert [tuple(r.values()) for r in got.to_pylist()] == reference(rows, where)
+    # 2 runs x 2 streams x 8 ticks x the 2 chunk columns holding the ids, out of 13 columns
+    assert sorted(set(reads)) == sorted({(t, c) for t in range(8) for c in (1, 10)})
+    assert len(reads) == 2 * 2 * 8 * 2
+
+    traj = led.trajectories("b", "margin", ids=ids[:1])[0]
+    reads.clear()
+    got = led.sql(f"SELECT tick, value FROM losses WHERE run = 'b' AND stream = 'margin' AND sample_id = {ids[0]} "
+                  "AND tick BETWEEN 2 AND 5 ORDER BY tick")
+    want = [(t, float(traj[t])) for t in range(2, 6) if not np.isnan(traj[t])]
+    assert [(r["tick"], r["value"]) for r in got.to_pylist()] == want  # float32 values, exact
+    assert sorted(reads) == [(t, 1) for t in range(2, 6)]  # one chunk per tick, one run and stream
+
+    reads.clear()
+    assert led.sql("SELECT count(*) AS n FROM losses").to_pylist() == [{"n": len(rows)}]
+    assert len(reads) == 2 * 2 * 8 * 13  # no filter: every chunk
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "sample_id IN (1000, 1003, 1147, 99999)",
+        "sample_id = 1024 OR sample_id = 1102",
+        "sample_id BETWEEN 1030 AND 1060 AND tick >= 6",
+        "run = 'b' AND (tick = 1 OR tick = 7) AND sample_id < 1010",
+        "(run = 'a' AND tick = 2) OR stream = 'margin'",
+        "tick IN (0, 3) AND sample_id IN (1003, 1012)",  # tick 3: the first two chunk columns were never written
+        "sample_id + 3 = 1006",
+        "stream <> 'loss' AND tick <> 4 AND sample_id > 1140",
+        "value > 0.5 AND sample_id IN (1006, 1009)",
+        "sample_id IS NOT NULL AND run = 'a' AND tick = 5",
+        "sample_id IN (SELECT 1000 + 3 * range FROM range(3))",
+        "sample_id = -1",
+    ],
+)
+def test_pushed_down_filters_return_exactly_the_rows(chunked, where):
+    led, rows = chunked
+    got = led.sql(f"SELECT * FROM losses WHERE {where} ORDER BY ALL")
+    assert [tuple(r.values()) for r in got.to_pylist()] == reference(rows, where)
+
+
+def test_pruning_needs_no_order_of_ids(tmp_path, monkeypatch):
+    monkeypatch.setattr("lossledger.format.CHUNK_TARGET_BYTES", 16)
+    ids = np.random.default_rng(3).permutation(40) * 10
+    led = ll.create(tmp_path / "p.ll", sample_ids=ids)
+    with led.run("r") as run:
+        for t in range(3):
+            run.log(ids, loss=np.arange(40, dtype=np.float32) + t)
+            run.end_epoch()
+    reads = count_chunk_reads(monkeypatch)
+    got = led.sql("SELECT sample_id, tick, value FROM losses WHERE sample_id IN (0, 390) ORDER BY ALL").to_pylist()
+    rows_of = {int(i): r for r, i in enumerate(ids)}
+    assert [(g["sample_id"], g["tick"], g["value"]) for g in got] == [
+        (i, t, float(rows_of[i] + t)) for i in (0, 390) for t in range(3)
+    ]
+    assert sorted(reads) == sorted({(t, rows_of[i] // 4) for i in (0, 390) for t in range(3)})
+
+
+def test_a_long_in_list_decodes_only_the_chunks_holding_the_ids(chunked, monkeypatch):
+    led, rows = chunked
+    reads = count_chunk_reads(monkeypatch)
+    ids = list(range(1000, 1000 + 3 * 12, 3)) + list(range(2000, 2100))  # rows 0..11 (columns 0-2) and 100 absent ids
+    where = f"stream = 'loss' AND sample_id IN ({', '.join(map(str, ids))})"
+    got = led.sql(f"SELECT * FROM losses WHERE {where} ORDER BY ALL")
+    assert [tuple(r.values()) for r in got.to_pylist()] == reference(rows, where)
+    assert sorted(set(reads)) == sorted({(t, c) for t in range(8) for c in (0, 1, 2)})
+    assert len(reads) == 2 * 8 * 3  # two runs, one stream
+
+
+def test_losses_view_is_a_lazy_pyarrow_dataset(chunked, monkeypatch):
+    import pickle
+
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    from lossledger.sql import LossesView
+
+    led, rows = chunked
+    view = LossesView(led)
+    assert isinstance(view, ds.Dataset) and view.schema.names == ["run", "stream", "tick", "sample_id", "value"]
+    reads = count_chunk_reads(monkeypatch)
+    picked = view.filter(pc.field("run") == "a").to_table(columns=["tick", "value"], filter=pc.field("sample_id") == 1003)
+    assert picked.column_names == ["tick", "value"] and picked.num_rows == sum(
+        1 for r in rows if r["run"] == "a" and r["sample_id"] == 1003
+    )
+    assert len(reads) == 2 * 8  # run a, two streams, one chunk column, 8 ticks
+    assert view.count_rows(filter=pc.field("tick") == 0) == sum(1 for r in rows if r["tick"] == 0)
+    again = pickle.loads(pickle.dumps(view.filter(pc.field("tick") == 0)))
+    assert again.count_rows() == sum(1 for r in rows if r["tick"] == 0)
+    assert view.sort_by("value").to_table().num_rows == len(rows)
