@@ -1,7 +1,8 @@
 """JAX adapter: real jitted training on sklearn digits, on 4 CPU devices (sharded and pmapped batches).
 
 XLA reads the device count once per process, so the scenarios run in a child process started with
-``XLA_FLAGS=--xla_force_host_platform_device_count=4``: ``python tests/adapters/test_jax.py <scenario> <dir>``.
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``: ``python tests/adapters/test_jax.py <dir>`` runs every
+scenario and prints ``ok <scenario>`` or ``FAIL <scenario>`` with its traceback.
 Every stored loss is compared with a numpy reference computed from a host snapshot of the parameters taken
 before each step, keyed by sample id (ids are shuffled, so a wrong id mapping fails).
 """
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +25,24 @@ N_DEVICES = 4
 BATCH = 128  # fixed batch shape: the last batch is padded, its padding flagged with valid=False
 
 
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_jax_adapter(scenario: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def child_output(tmp_path_factory) -> str:
+    """Output of one child process that runs every scenario (jax starts once)."""
     if importlib.util.find_spec("jax") is None:
         pytest.skip("jax is not installed (pip install 'lossledger[jax]')")
     if importlib.util.find_spec("sklearn") is None:
         pytest.skip("scikit-learn is not installed (pip install 'lossledger[test]')")
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={N_DEVICES}", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, __file__, scenario, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300,
-        check=False,
+        [sys.executable, __file__, str(tmp_path_factory.mktemp("jax"))], env=env, capture_output=True, text=True,
+        timeout=600, check=False,
     )
-    assert proc.returncode == 0, f"scenario {scenario!r} failed:\n{proc.stdout}\n{proc.stderr}"
-    assert f"ok {scenario}" in proc.stdout
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_jax_adapter(child_output: str, scenario: str) -> None:
+    assert f"ok {scenario}\n" in child_output, f"scenario {scenario!r}:\n{child_output}"
 
 
 # --- the child process --------------------------------------------------------------------------------------
@@ -269,20 +276,26 @@ def _bfloat16_and_errors(root: Path) -> None:
     assert ledger.trajectories("bf16", "pixel").shape == (13, 2, 2, 2)
 
 
-def main(scenario: str, root: str) -> None:
+def main(root: str) -> None:
     import warnings
 
     from lossledger.errors import LedgerWarning
 
     warnings.simplefilter("error", LedgerWarning)
-    path = Path(root)
-    if scenario == "non_blocking":
-        _non_blocking(path)
-    elif scenario == "bfloat16_and_errors":
-        _bfloat16_and_errors(path)
-    else:
-        _train(path, scenario)
-    print(f"ok {scenario}")
+    for scenario in SCENARIOS:
+        path = Path(root) / scenario
+        path.mkdir()
+        try:
+            if scenario == "non_blocking":
+                _non_blocking(path)
+            elif scenario == "bfloat16_and_errors":
+                _bfloat16_and_errors(path)
+            else:
+                _train(path, scenario)
+        except BaseException:  # noqa: BLE001 - report every scenario, not only the first failure
+            print(f"FAIL {scenario}\n{traceback.format_exc()}", flush=True)
+        else:
+            print(f"ok {scenario}", flush=True)
 
 
 if __name__ == "__main__":

@@ -265,6 +265,8 @@ def _ddp_child(root: str) -> None:
              logits=np.concatenate([r[4] for r in rows]))
     if run is not None:
         run.close()
+    torch.distributed.barrier()  # both ranks done before either tears down gloo (else: abort at exit)
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
