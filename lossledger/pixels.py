@@ -14,7 +14,7 @@ where it is not NaN:
 computed with ``ignore_index`` returns 0 there, so pass it through :func:`mask_ignored` before ``run.log``
 (and open the run with ``allow_nonfinite=True``, which lets NaN through the writer's checks). NaN pixels are
 skipped; a pixel never observed has ``n_obs = 0`` and NaN action, mean and variance, and is left out of every
-per-sample or per-class statistic.
+per-sample or per-class statistic. Heatmap files and PCA embeddings of the maps: :mod:`lossledger.heatmaps`.
 
 Memory: values are read as slabs of whole stored chunks of at most ``PIXEL_BUDGET_BYTES`` (64 MB) of float32,
 over blocks of at most ``budget / (64 B x pixels)`` samples (at least one chunk), whose float64 state
@@ -23,12 +23,11 @@ over blocks of at most ``budget / (64 B x pixels)`` samples (at least one chunk)
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -50,7 +49,6 @@ __all__ = [
     "PixelMaps",
     "iter_pixel_action",
     "mask_ignored",
-    "pca_embedding",
     "pixel_action",
     "pixel_class_action",
     "pixel_summary",
@@ -63,8 +61,6 @@ _STATE_BYTES = 64
 #: Default ``threshold`` of ``frac_above``: a pixel whose mean cross-entropy exceeds ln 2 had, on geometric
 #: average over the observed ticks, less than even odds on its true class.
 DEFAULT_THRESHOLD = math.log(2.0)
-#: Largest number of PCA features (covariance matrix of ``features**2`` float64 values).
-_MAX_PCA_FEATURES = 8192
 
 
 @dataclass(frozen=True)
@@ -88,13 +84,6 @@ class PixelMaps:
 
     def __len__(self) -> int:
         return int(self.sample_id.shape[0])
-
-    def select(self, index: Any) -> PixelMaps:
-        """The maps of the samples at positions ``index`` (an int array, a slice or a bool mask)."""
-        return PixelMaps(
-            self.run, self.stream, self.dt, self.ticks, self.sample_id[index], self.action[index],
-            self.mean[index], self.variance[index], self.n_obs[index],
-        )
 
 
 # --- public functions ---------------------------------------------------------------------------------------
@@ -278,83 +267,6 @@ def pixel_class_action(
     return acc.table(classes)
 
 
-def pca_embedding(
-    ledger: Ledger,
-    run: str,
-    stream: str = "pixel",
-    *,
-    n_components: int = 2,
-    of: Literal["map", "curve"] = "map",
-    grid: tuple[int, int] | None = None,
-    max_features: int = 1024,
-    dt: Dt = "epoch",
-    ticks: Any = None,
-) -> pa.Table:
-    """PCA of per-sample action maps (``of="map"``) or loss curves (``of="curve"``), one row per sample.
-
-    Features: ``"map"``, the sample's pixel action map averaged over the cells of a ``grid`` (default: the
-    finest grid with the map's aspect and at most ``max_features`` cells; cells with no observed pixel are
-    missing); ``"curve"``, the loss at each scanned tick (scalar streams) or its mean over the observed pixels
-    (dense streams; ``dt`` is then unused). Missing features are replaced by the feature's mean (mean
-    imputation); samples with no observed feature are left out of the fit.
-
-    Returns ``sample_id``, ``pc1`` ... ``pc{n_components}`` (float64, NaN for samples left out), in ledger row
-    order. Each component's sign makes its largest loading positive. Schema metadata ``lossledger`` (JSON):
-    ``explained_variance``, ``explained_variance_ratio``, ``n_fit``, ``n_features``, ``of``, ``grid``.
-
-    Out of core: one pass over the ledger writes the (N, features) float32 matrix to a temporary file (RAM if
-    under 64 MB), then its exact covariance is accumulated block by block (numpy, float64) and diagonalised.
-    Memory: one block, plus features² x 8 B for the covariance (8 MB at 1024 features).
-
-    >>> emb = pca_embedding(ledger, "unet", n_components=2)
-    >>> ledger.scores("unet", "pixel").join(emb, "sample_id")
-    """
-    if not isinstance(n_components, int) or isinstance(n_components, bool) or n_components < 1:
-        raise ShapeMismatchError(f"n_components must be a positive integer, got {n_components!r}")
-    if of not in ("map", "curve"):
-        raise ShapeMismatchError(f"of must be 'map' (pixel action maps) or 'curve' (loss per tick), got {of!r}")
-    src = _source(ledger, run, stream, dt, ticks, need_element=False)
-    n = ledger.n_samples
-    cells: tuple[int, int] | None = None
-    if of == "map":
-        if len(src.element_shape) != 2:
-            raise ShapeMismatchError(
-                f"of='map' pools (H, W) maps but stream {stream!r} has element shape {src.element_shape}; use "
-                "of='curve'"
-            )
-        cells = _grid(src.element_shape, grid, max_features)
-        n_features = cells[0] * cells[1]
-    else:
-        n_features = int(src.tick_index.size)
-    if n_features == 0:
-        raise ShapeMismatchError(f"no features to embed: the window holds {src.tick_index.size} tick(s)")
-    if n_features > _MAX_PCA_FEATURES:
-        raise ShapeMismatchError(
-            f"{n_features} features exceed {_MAX_PCA_FEATURES}; choose a coarser grid= or a shorter window"
-        )
-    with tempfile.TemporaryDirectory(prefix="lossledger-pca-") as tmp:
-        if n * n_features * 4 <= PIXEL_BUDGET_BYTES:
-            features = np.empty((n, n_features), np.float32)
-        else:
-            features = np.lib.format.open_memmap(f"{tmp}/features.npy", "w+", np.float32, (n, n_features))
-        if cells is not None:
-            for rows, state in _moments(src, None):
-                features[rows] = _pool(state.action_variance()[0], cells)
-        else:
-            for block_rows, positions, values, _ in _slabs(src, None):
-                if values.ndim > 2:
-                    values = _nanmean_elements(values)
-                features[block_rows[:, None], positions[None, :]] = values.T
-        scores, variance, ratio, n_fit = _pca(features, n_components)
-        del features
-    columns = {"sample_id": pa.array(ledger._samples.sample_id, pa.int64())}
-    for j in range(n_components):
-        columns[f"pc{j + 1}"] = pa.array(scores[:, j], pa.float64())
-    meta = {"explained_variance": variance.tolist(), "explained_variance_ratio": ratio.tolist(), "n_fit": n_fit,
-            "n_features": n_features, "of": of, "grid": list(cells) if cells else None}
-    return pa.table(columns).replace_schema_metadata({b"lossledger": json.dumps(meta).encode()})
-
-
 # --- reading ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Source:
@@ -400,7 +312,7 @@ def _size(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape, dtype=np.int64)) if shape else 1
 
 
-def _slabs(src: _Source, rows: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray, bool, bool]]:
+def _slabs(src: _Source, rows: np.ndarray | None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
     """``(block_rows, positions, values, block_end)``: values (g, b, *element) float32 of the sample rows
     ``block_rows`` (sorted) at the tick positions ``positions``; every block's slabs come in tick order.
 
@@ -411,10 +323,7 @@ def _slabs(src: _Source, rows: np.ndarray | None) -> Iterator[tuple[np.ndarray, 
     element_bytes = 4 * _size(src.element_shape)
     n_ticks = int(src.tick_index.size)
     width = _block_width(src)
-    if n_ticks == 0:  # nothing to read: one empty slab per block, so that every sample still gets a state
-        for lo, hi, sel in _plan(src, rows, width):
-            block_rows = np.arange(lo, hi, dtype=np.int64) if sel is None else sel + lo
-            yield block_rows, np.zeros(0, np.int64), np.empty((0, block_rows.size, *src.element_shape), np.float32), True
+    if n_ticks == 0:
         return
     if rows is None:
         budget = max(2 * element_bytes, min(PIXEL_BUDGET_BYTES, 2 * n_ticks * width * element_bytes))
@@ -423,6 +332,7 @@ def _slabs(src: _Source, rows: np.ndarray | None) -> Iterator[tuple[np.ndarray, 
         return
     runs = _tick_runs(src.tick_index)
     for lo, hi, sel in _plan(src, rows, width):
+        assert sel is not None  # a subset of rows
         per_slab = max(1, min(n_ticks, PIXEL_BUDGET_BYTES // max(1, (hi - lo) * element_bytes)))
         for start in range(0, n_ticks, per_slab):
             stop = min(n_ticks, start + per_slab)
@@ -451,7 +361,7 @@ def _plan(src: _Source, rows: np.ndarray | None, width: int) -> Iterator[tuple[i
 def _tick_runs(tick_index: np.ndarray) -> list[tuple[int, int]]:
     """Positions of a sorted tick list split into runs of consecutive ticks: [(pos_start, pos_stop)]."""
     edges = np.concatenate([[0], np.flatnonzero(np.diff(tick_index) != 1) + 1, [tick_index.size]])
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
 def _read(
@@ -463,13 +373,18 @@ def _read(
         a, b = max(a, start), min(b, stop)
         if a < b:
             t0 = int(tick_index[a])
-            parts.append(array[t0 : t0 + (b - a), lo:hi])
+            parts.append(np.asarray(array[t0 : t0 + (b - a), lo:hi]))
     values = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return values.astype(np.float32, copy=False)
 
 
 def _moments(src: _Source, rows: np.ndarray | None) -> Iterator[tuple[np.ndarray, _PixelMoments]]:
     """``(rows, state)`` per block: the block's sample rows (sorted) and its accumulated per-pixel state."""
+    if src.tick_index.size == 0:  # nothing to read: every sample still gets a (never observed) state
+        for lo, hi, sel in _plan(src, rows, _block_width(src)):
+            block_rows = np.arange(lo, hi, dtype=np.int64) if sel is None else sel + lo
+            yield block_rows, _PixelMoments((block_rows.size, *src.element_shape))
+        return
     state: _PixelMoments | None = None
     for block_rows, positions, values, block_end in _slabs(src, rows):
         if state is None:
@@ -489,7 +404,7 @@ def _labels_source(ledger: Ledger, run: str, labels: Any, element_shape: tuple[i
                 f"{what} stream {labels!r} has element shape {src.element_shape}, the maps {element_shape}"
             )
         return lambda rows: _last_observed(src, rows)
-    array = labels if isinstance(labels, np.ndarray) else to_numpy(labels, what)
+    array: np.ndarray = labels if isinstance(labels, np.ndarray) else to_numpy(labels, what)
     if array.dtype.kind not in "iuf":
         raise InvalidDTypeError(f"{what} must be integer class indices, got dtype {array.dtype}")
     if array.shape != (ledger.n_samples, *element_shape):
@@ -513,7 +428,7 @@ def _last_observed(src: _Source, rows: np.ndarray) -> np.ndarray:
 
 
 class _PixelMoments:
-    """Per-pixel running n, action, mean and M2 of one block (Welford, one tick at a time), float64."""
+    """Per-pixel running n, action, mean and M2 of one block, float64, merged slab by slab (Chan et al.)."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.n = np.zeros(shape, np.int32)
@@ -522,16 +437,29 @@ class _PixelMoments:
         self.m2 = np.zeros(shape, np.float64)
 
     def update(self, values: np.ndarray, dts: np.ndarray) -> None:
-        for g in range(values.shape[0]):
-            v = values[g].astype(np.float64)
-            valid = ~np.isnan(v)
-            v[~valid] = 0.0
-            self.n += valid
-            self.action += v if dts[g] == 1.0 else v * dts[g]
-            delta = v - self.mean
-            delta *= valid  # unobserved: no change to mean and M2
-            self.mean += delta / np.maximum(self.n, 1)
-            self.m2 += delta * (v - self.mean)
+        """Add a slab ``values`` (g, *shape) float32 (NaN = not observed) whose ticks last ``dts`` (g,)."""
+        if values.shape[0] == 0:
+            return
+        valid = ~np.isnan(values)
+        count = valid.sum(axis=0, dtype=np.int32)
+        x = values.astype(np.float64)
+        np.copyto(x, 0.0, where=~valid)
+        total = x.sum(axis=0)
+        if np.all(dts == 1.0):
+            self.action += total
+        else:
+            self.action += np.tensordot(dts, x, axes=1)
+        group_mean = np.divide(total, count, out=np.zeros(count.shape), where=count > 0)
+        x -= group_mean
+        x *= valid  # unobserved ticks add nothing to M2
+        x *= x
+        group_m2 = x.sum(axis=0)
+        n = self.n + count
+        share = np.divide(count, n, out=np.zeros(count.shape), where=n > 0)
+        delta = group_mean - self.mean
+        self.m2 += group_m2 + delta * delta * self.n * share
+        self.mean += delta * share
+        self.n = n
 
     def action_variance(self) -> tuple[np.ndarray, np.ndarray]:
         """float64 action and variance maps, NaN where never observed."""
@@ -570,23 +498,18 @@ class _PixelMoments:
 class _ClassStats:
     """Per-class count, mean and M2 of pixel action (Chan's merge per block), max, variance sum, samples."""
 
+    _FILL: ClassVar[dict[str, float]] = {"n": 0, "mean": 0.0, "m2": 0.0, "max": -np.inf, "var_sum": 0.0, "samples": 0}
+
     def __init__(self) -> None:
-        self.n = np.zeros(0, np.int64)
-        self.mean = np.zeros(0)
-        self.m2 = np.zeros(0)
-        self.max = np.zeros(0)
-        self.var_sum = np.zeros(0)
-        self.samples = np.zeros(0, np.int64)
+        self.n = self.samples = np.zeros(0, np.int64)
+        self.mean = self.m2 = self.max = self.var_sum = np.zeros(0)
 
     def _grow(self, k: int) -> None:
-        if k > self.n.size:
-            pad = k - self.n.size
-            self.n = np.concatenate([self.n, np.zeros(pad, np.int64)])
-            self.mean = np.concatenate([self.mean, np.zeros(pad)])
-            self.m2 = np.concatenate([self.m2, np.zeros(pad)])
-            self.max = np.concatenate([self.max, np.full(pad, -np.inf)])
-            self.var_sum = np.concatenate([self.var_sum, np.zeros(pad)])
-            self.samples = np.concatenate([self.samples, np.zeros(pad, np.int64)])
+        """Make room for classes 0..k-1."""
+        for name, fill in self._FILL.items():
+            old = getattr(self, name)
+            if k > old.size:
+                setattr(self, name, np.concatenate([old, np.full(k - old.size, fill, old.dtype)]))
 
     def update(self, codes: np.ndarray, action: np.ndarray, variance: np.ndarray, sample_of: np.ndarray) -> None:
         if codes.size == 0:
@@ -614,7 +537,7 @@ class _ClassStats:
         keep = np.arange(self.n.size) if classes is not None else np.flatnonzero(self.n > 0)
         n = self.n[keep]
         has = n > 0
-        nan = lambda values: np.where(has, values, np.nan)  # noqa: E731
+        nan = lambda values: np.where(has, values, np.nan)
         total = float((self.mean[keep] * n).sum())
         columns: dict[str, pa.Array] = {"class": pa.array(keep.astype(np.int32), pa.int32())}
         if classes is not None:
@@ -628,90 +551,3 @@ class _ClassStats:
         share = self.mean[keep] * n / total if total != 0 else np.full(keep.size, np.nan)
         columns["action_share"] = pa.array(nan(share), pa.float64())
         return pa.table(columns)
-
-
-# --- PCA ----------------------------------------------------------------------------------------------------
-def _grid(shape: tuple[int, ...], grid: tuple[int, int] | None, max_features: int) -> tuple[int, int]:
-    h, w = shape
-    if grid is None:
-        if max_features < 1:
-            raise ShapeMismatchError(f"max_features must be positive, got {max_features}")
-        f = max(1, math.ceil(math.sqrt(h * w / max_features)))
-        return max(1, h // f), max(1, w // f)
-    gh, gw = (int(g) for g in grid)
-    if not (1 <= gh <= h and 1 <= gw <= w):
-        raise ShapeMismatchError(f"grid {grid} must lie between (1, 1) and the map shape {(h, w)}")
-    return gh, gw
-
-
-def _pool(maps: np.ndarray, cells: tuple[int, int]) -> np.ndarray:
-    """(b, H, W) maps with NaN -> (b, gh * gw): the mean of the observed pixels of each cell, NaN if none."""
-    b, h, w = maps.shape
-    eh = np.linspace(0, h, cells[0] + 1).astype(np.int64)[:-1]
-    ew = np.linspace(0, w, cells[1] + 1).astype(np.int64)[:-1]
-    seen = ~np.isnan(maps)
-    sums = np.add.reduceat(np.add.reduceat(np.where(seen, maps, 0.0), eh, axis=1), ew, axis=2)
-    counts = np.add.reduceat(np.add.reduceat(seen.astype(np.int64), eh, axis=1), ew, axis=2)
-    return np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0).reshape(b, -1)
-
-
-def _nanmean_elements(values: np.ndarray) -> np.ndarray:
-    """(g, b, *element) -> (g, b): mean over each element's observed values, NaN if none."""
-    flat = values.reshape(values.shape[0], values.shape[1], -1)
-    seen = ~np.isnan(flat)
-    count = seen.sum(axis=2)
-    total = np.where(seen, flat, 0.0).sum(axis=2, dtype=np.float64)
-    return np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0)
-
-
-def _pca(features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Mean-imputed PCA of the rows of ``features`` (N, D) with NaN, block by block.
-
-    Returns scores (N, k) (NaN rows for samples without any feature), explained variance (k,) and its
-    ratio (k,), and the number of samples fitted.
-    """
-    n, d = features.shape
-    step = max(1, PIXEL_BUDGET_BYTES // (8 * d * 4))
-    count = np.zeros(d, np.int64)
-    total = np.zeros(d)
-    fitted = np.zeros(n, bool)
-    for lo in range(0, n, step):
-        block = np.asarray(features[lo : lo + step], dtype=np.float64)
-        seen = ~np.isnan(block)
-        fitted[lo : lo + step] = seen.any(axis=1)
-        count += seen.sum(axis=0)
-        total += np.where(seen, block, 0.0).sum(axis=0)
-    mean = np.divide(total, count, out=np.zeros(d), where=count > 0)
-    n_fit = int(fitted.sum())
-    cov = np.zeros((d, d))
-    for lo in range(0, n, step):
-        centered = _centered(features[lo : lo + step], mean, fitted[lo : lo + step])
-        cov += centered.T @ centered
-    cov /= max(1, n_fit - 1)
-    eigval, eigvec = np.linalg.eigh(cov)
-    order = np.argsort(eigval)[::-1][:k]
-    eigval, eigvec = np.maximum(eigval[order], 0.0), eigvec[:, order]
-    flip = np.sign(eigvec[np.abs(eigvec).argmax(axis=0), np.arange(eigvec.shape[1])])
-    eigvec = eigvec * np.where(flip == 0, 1.0, flip)
-    trace = float(np.trace(cov))
-    ratio = eigval / trace if trace > 0 else np.full(eigval.shape, np.nan)
-    scores = np.full((n, k), np.nan)
-    for lo in range(0, n, step):
-        rows = fitted[lo : lo + step]
-        centered = _centered(features[lo : lo + step], mean, rows)
-        part = np.full((rows.size, k), np.nan)
-        part[:, : eigvec.shape[1]] = centered @ eigvec
-        part[~rows] = np.nan
-        scores[lo : lo + step] = part
-    if eigvec.shape[1] < k:  # more components asked than features: the extra ones are missing
-        eigval = np.concatenate([eigval, np.full(k - eigval.size, np.nan)])
-        ratio = np.concatenate([ratio, np.full(k - ratio.size, np.nan)])
-    return scores, eigval, ratio, n_fit
-
-
-def _centered(block: np.ndarray, mean: np.ndarray, fitted: np.ndarray) -> np.ndarray:
-    """Rows minus the feature means, missing features 0 (mean imputation), rows not fitted all 0."""
-    out = np.asarray(block, dtype=np.float64) - mean
-    out[np.isnan(out)] = 0.0
-    out[~fitted] = 0.0
-    return out
