@@ -25,12 +25,14 @@ the ledger missed epochs), those epochs stay missing. ``on_mismatch="error"`` ra
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 
+import lossledger as ll
 from lossledger.errors import LedgerWarning
 from lossledger.run import Run
 
@@ -69,6 +71,17 @@ class LossLedgerCallback(pl.Callback):
         self.on_mismatch = on_mismatch
         self.recorder: Recorder | None = None
         self._owns_run = False
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str], run: str, /, **kwargs: Any) -> LossLedgerCallback:
+        """A callback that opens run ``run`` of the ledger at ``path`` on global rank 0 when ``fit`` starts.
+
+        ``kwargs`` go to ``ledger.run`` (run attributes, ``on_duplicate`` ...) except the callback's own options
+        (``loss_key``, ``ids_key``, ``streams``, ``background``, ``on_mismatch``). Unlike a lambda, the opener
+        pickles, as ``strategy="ddp_spawn"`` requires.
+        """
+        own = {k: kwargs.pop(k) for k in ("loss_key", "ids_key", "streams", "background", "on_mismatch") if k in kwargs}
+        return cls(_OpenRun(os.fspath(path), run, kwargs), **own)
 
     @property
     def run(self) -> Run | None:
@@ -146,3 +159,13 @@ class LossLedgerCallback(pl.Callback):
         finally:
             if self._owns_run and rec.run is not None:
                 rec.run.close()
+
+
+class _OpenRun:
+    """Opens a run of a ledger on disk when called (a picklable run factory)."""
+
+    def __init__(self, path: str, name: str, kwargs: dict[str, Any]) -> None:
+        self.path, self.name, self.kwargs = path, name, kwargs
+
+    def __call__(self) -> Run:
+        return ll.open(self.path, "a").run(self.name, **self.kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -115,7 +117,9 @@ def test_fit_and_resume_continue_the_run(tmp_path, loader):
     assert set(np.unique(correct)) <= {0.0, 1.0}
 
     # The callback opened the run, so it closed it: a resumed fit can open it again, and continues it.
-    resumed = fit(tmp_path, loader, LossLedgerCallback(lambda: ledger.run("mlp")), max_epochs=4, ckpt="epoch=1.ckpt")
+    # from_path's opener pickles (strategy="ddp_spawn" pickles the callbacks to its processes).
+    reopen = pickle.loads(pickle.dumps(LossLedgerCallback.from_path(ledger.path, "mlp", on_mismatch="error")))
+    resumed = fit(tmp_path, loader, reopen, max_epochs=4, ckpt="epoch=1.ckpt")
     ticks = reader.ticks("mlp")
     assert ticks["epoch"].to_pylist() == [0, 1, 2, 3] and ticks["step"].to_pylist() == [10, 20, 30, 40]
     assert_stored(ledger.path, "mlp", resumed, [2, 3], [2, 3])
