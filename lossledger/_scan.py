@@ -163,12 +163,16 @@ def read_chunks(source: ChunkSource, keys: Iterable[tuple[int, int]]) -> Iterato
             future.cancel()
 
 
-def scan(array: zarr.Array, tick_index: np.ndarray, *, budget_bytes: int | None = None) -> Iterator[Slab]:
+def scan(
+    array: zarr.Array, tick_index: np.ndarray, *, budget_bytes: int | None = None, reuse: bool = False
+) -> Iterator[Slab]:
     """Yield slabs of ``array`` (T, N, *element) at the ticks ``tick_index`` (sorted, unique), block by block.
 
     Memory: two slabs (the one yielded and the next, read meanwhile), together at most
     ``max(budget_bytes, two chunk rows)`` bytes of float32 (default ``SCAN_BUDGET_BYTES``). A yielded slab's
-    values are the caller's: they are never written again.
+    values are the caller's and never written again, unless ``reuse``: then the caller is done with them
+    when it asks for the next slab, and their memory is refilled (which saves the page faults of touching a
+    fresh array, about a third of the time it takes to decode it).
     """
     budget_bytes = SCAN_BUDGET_BYTES if budget_bytes is None else budget_bytes
     slab_bytes = max(1, budget_bytes // 2)
@@ -193,25 +197,32 @@ def scan(array: zarr.Array, tick_index: np.ndarray, *, budget_bytes: int | None 
             values = _read_zarr(array, tick_index, runs, start, stop, lo, hi)
             yield Slab(lo, hi, np.arange(start, stop), values, start == 0, stop == n_ticks)
         return
-    pending = _submit(source, tick_index, plan[0])
+    spare: np.ndarray | None = None  # with reuse: the memory of the slab the caller is done with
+    pending = _submit(source, tick_index, plan[0], None)
     try:
         for i, (lo, hi, start, stop) in enumerate(plan):
             values, futures = pending
             for future in futures:
                 future.result()
-            pending = _submit(source, tick_index, plan[i + 1]) if i + 1 < len(plan) else (values, [])
+            pending = _submit(source, tick_index, plan[i + 1], spare) if i + 1 < len(plan) else (values, [])
             yield Slab(lo, hi, np.arange(start, stop), values, start == 0, stop == n_ticks)
+            spare = values.base if reuse and values.base is not None else None
     finally:
         for future in pending[1]:
             future.cancel()
 
 
 def _submit(
-    source: ChunkSource, tick_index: np.ndarray, item: tuple[int, int, int, int]
+    source: ChunkSource, tick_index: np.ndarray, item: tuple[int, int, int, int], spare: np.ndarray | None
 ) -> tuple[np.ndarray, list[Future[np.ndarray]]]:
-    """Start reading one slab into a new array; return it with the futures that fill it."""
+    """Start reading one slab into a view of ``spare`` (a flat float32 buffer) if it is large enough, else into
+    a new buffer; return the slab's values with the futures that fill them."""
     lo, hi, start, stop = item
-    values = np.empty((stop - start, hi - lo, *source.element), np.float32)
+    shape = (stop - start, hi - lo, *source.element)
+    size = int(np.prod(shape, dtype=np.int64))
+    if spare is None or spare.size < size:
+        spare = np.empty(size, np.float32)
+    values = spare[:size].reshape(shape)
     pool = _read_pool()
     futures = []
     for col in range(lo // source.per_chunk, -(-hi // source.per_chunk)):

@@ -212,7 +212,7 @@ def score_blocks(
     series = np.atleast_2d(np.asarray(dts, dtype=np.float64))
     state: _BlockMoments | None = None
     slab: Slab
-    for slab in scan(array, tick_index, budget_bytes=budget_bytes):
+    for slab in scan(array, tick_index, budget_bytes=budget_bytes, reuse=True):  # update() keeps no view
         if slab.block_start:
             state = _BlockMoments(slab.values.shape[1:], series.shape[0])
         assert state is not None

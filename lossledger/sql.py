@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import duckdb
@@ -50,7 +51,7 @@ LOSSES_SCHEMA = pa.schema(
 )
 #: Pieces of the view that a filter is checked against are split this many ways at each level (ticks).
 _SPLIT = 16
-#: Row number of each sample, in the probe table of :meth:`LossesView._probe` (not a column of the view).
+#: Row number of each sample, in the probe table of :class:`_Probe` (not a column of the view).
 _ROW = "lossledger_row"
 #: Never opened: the fragments of :func:`_satisfiable` only carry partition expressions, nothing is read.
 _NOWHERE = pafs.LocalFileSystem()
@@ -69,12 +70,10 @@ class LossesView(ds.InMemoryDataset):
     expressions, so a piece is skipped only when Arrow proves no row of it can pass (:func:`_satisfiable`). The
     rows of the chunks read are then filtered exactly by the returned ``pyarrow.dataset.Scanner``.
 
-    Chunk columns are chosen by ``sample_id`` exactly when the filter mentions neither ``tick`` nor ``value``
-    (``WHERE sample_id IN (...)``, with or without ``run``/``stream``): it is evaluated on every sample id
-    (:meth:`_probe`), so a chunk is read only if it holds a wanted id, whatever the order of the ids, and only
-    the rows of wanted ids are handed on to be filtered. With
-    ``tick`` in the filter too, chunks are chosen by their range of ids, which Arrow decides exactly for up to
-    50 listed ids (more, and every chunk of the kept ticks is read) and as sharply as ids increase along rows.
+    When the filter mentions ``sample_id`` and not ``value`` (``WHERE sample_id IN (...)``, with or without
+    ``run``, ``stream``, ``tick``), the rows that pass are known before any chunk is read: the filter is
+    evaluated on every sample id with the run, stream and tick filled in (:class:`_Probe`). A chunk is then
+    read only if it holds a passing row, whatever the order of the ids, and only those rows are handed on.
 
     The base is an empty in-memory dataset of the view's schema: DuckDB needs a ``Dataset`` instance, and the
     Python methods (``to_table``, ``to_batches``, ``head``, ``take``, ``count_rows``) all scan through
@@ -147,21 +146,17 @@ class LossesView(ds.InMemoryDataset):
         else:
             keep = _satisfiable(condition, [_where(run, stream) for run, stream, _ in pieces])
         plan = []
-        probes: dict[tuple[str | None, str | None], np.ndarray] = {}
+        shared: dict[tuple[str | None, str | None], np.ndarray] = {}
         for (run, stream, n_ticks), kept in zip(pieces, keep):
             if not kept:
                 continue
             source = ChunkSource(io.open_array(stream_key(run, stream)))
             ticks = np.arange(n_ticks)
             cols = np.arange(source.n_cols)
-            rows = None
+            probe = None
             if condition is not None and "tick" in refs:
                 ticks = _kept_ticks(condition, _where(run, stream), n_ticks)
-            if condition is not None and "sample_id" in refs and refs.isdisjoint({"tick", "value"}):
-                rows = self._probe(condition, refs, run, stream, probes)
-                starts = np.arange(0, rows.size, source.per_chunk)
-                cols = cols[np.logical_or.reduceat(rows, starts)] if rows.size else cols[:0]
-            elif condition is not None and "sample_id" in refs and cols.size:
+            if condition is not None and "sample_id" in refs and cols.size:
                 lows, highs = self._ranges(source.per_chunk)
                 ids = pc.field("sample_id")
                 guarantees = [
@@ -169,29 +164,11 @@ class LossesView(ds.InMemoryDataset):
                     for a, b in zip(lows, highs)
                 ]
                 cols = cols[_satisfiable(condition, guarantees)]
+                if "value" not in refs:
+                    probe = _Probe(self._ledger._samples.sample_id, condition, refs, run, stream, shared)
             if ticks.size and cols.size:
-                plan.append(_Piece(run, stream, source, ticks, cols, rows))
+                plan.append(_Piece(run, stream, source, ticks, cols, probe))
         return plan
-
-    def _probe(
-        self, condition: pc.Expression, refs: set[str], run: str, stream: str,
-        memo: dict[tuple[str | None, str | None], np.ndarray],
-    ) -> np.ndarray:
-        """Which sample rows pass ``condition`` (N,) bool, when it mentions only ``run``, ``stream`` and
-        ``sample_id``: it is evaluated on every sample id with the run and stream known, so the answer is exact
-        for every tick. One evaluation serves every (run, stream) the condition does not tell apart. Memory:
-        a table of the N ids (~16 bytes per sample)."""
-        key = (run if "run" in refs else None, stream if "stream" in refs else None)
-        if key not in memo:
-            ids = self._ledger._samples.sample_id
-            probe = {"sample_id": pa.array(ids), _ROW: pa.array(np.arange(ids.size))}
-            probe.update({name: _repeated(value, ids.size) for name, value in (("run", run), ("stream", stream))
-                          if name in refs})
-            passed = pa.table(probe).filter(condition)[_ROW].to_numpy()
-            rows = np.zeros(ids.size, bool)
-            rows[passed] = True
-            memo[key] = rows
-        return memo[key]
 
     def _ranges(self, per_chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """Least and greatest sample id of each chunk column (samples never change: computed once per width)."""
@@ -206,12 +183,12 @@ class LossesView(ds.InMemoryDataset):
         for piece in plan:
             source = piece.source
             text = {"run": _repeated(piece.run, source.per_chunk), "stream": _repeated(piece.stream, source.per_chunk)}
-            keys = ((int(t), int(c)) for t in piece.ticks for c in piece.cols)
-            for (tick, col), values in read_chunks(source, keys):
+            for (tick, col), values in read_chunks(source, piece.keys()):
                 lo = col * source.per_chunk
                 keep = ~np.isnan(values)
-                if piece.rows is not None:  # the rows that pass, known from the probe: Arrow filters only those
-                    keep &= piece.rows[lo : lo + values.size]
+                if piece.probe is not None:  # the rows that pass are known: Arrow filters only those
+                    keep &= piece.probe.rows(tick)[lo : lo + values.size]
+                    piece.probe.forget_before(tick)
                 if keep.all():
                     ids = sample_id[lo : lo + values.size]
                 else:
@@ -230,15 +207,72 @@ class LossesView(ds.InMemoryDataset):
                 yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
+class _Probe:
+    """Which sample rows pass a condition that mentions ``sample_id`` and not ``value``, evaluated exactly.
+
+    Every other column of a row is known where it is asked (the run and stream of the piece, the tick of the
+    chunk), so the condition is evaluated on a table of every sample id with those columns filled in: once per
+    tick when the condition mentions ``tick``, else once for all ticks, shared by the (run, stream) pieces the
+    condition does not tell apart. Memory: the table of the N ids (~16 bytes per sample) and the passing rows
+    of the ticks the reader is ahead by (at most ``READ_AHEAD_CHUNKS + 1``, 1 byte per sample each).
+    """
+
+    def __init__(
+        self, ids: np.ndarray, condition: pc.Expression, refs: set[str], run: str, stream: str,
+        shared: dict[tuple[str | None, str | None], np.ndarray],
+    ) -> None:
+        self.condition = condition
+        self.per_tick = "tick" in refs
+        columns = {"sample_id": pa.array(ids), _ROW: pa.array(np.arange(ids.size))}
+        for name, value in (("run", run), ("stream", stream)):
+            if name in refs:
+                columns[name] = _repeated(value, ids.size)
+        self.table = pa.table(columns)
+        self.key = (run if "run" in refs else None, stream if "stream" in refs else None)
+        self.shared = shared
+        self.recent: dict[int, np.ndarray] = {}
+
+    def rows(self, tick: int) -> np.ndarray:
+        """(N,) bool: the sample rows that pass at ``tick``."""
+        if not self.per_tick:
+            if self.key not in self.shared:
+                self.shared[self.key] = self._evaluate(self.table)
+            return self.shared[self.key]
+        if tick not in self.recent:
+            ticks = pa.array(np.full(self.table.num_rows, tick, np.int32))
+            self.recent[tick] = self._evaluate(self.table.append_column("tick", ticks))
+        return self.recent[tick]
+
+    def forget_before(self, tick: int) -> None:
+        """Drop the rows of ticks before ``tick``: chunks are read in tick order."""
+        for old in [t for t in self.recent if t < tick]:
+            del self.recent[old]
+
+    def _evaluate(self, table: pa.Table) -> np.ndarray:
+        passed = table.filter(self.condition)[_ROW].to_numpy()
+        rows = np.zeros(table.num_rows, bool)
+        rows[passed] = True
+        return rows
+
+
 class _Piece(NamedTuple):
-    """One (run, stream) of the view to read: its ticks and chunk columns, and the rows to keep if known."""
+    """One (run, stream) of the view to read: its ticks and chunk columns, and what knows the passing rows."""
 
     run: str
     stream: str
     source: ChunkSource
     ticks: np.ndarray
     cols: np.ndarray
-    rows: np.ndarray | None  # (N,) bool: the rows that pass the condition at every tick; None: unknown
+    probe: _Probe | None
+
+    def keys(self) -> Iterator[tuple[int, int]]:
+        """(tick, chunk column) of the chunks to read, in order; with a probe, only those holding a passing row."""
+        per_chunk = self.source.per_chunk
+        for tick in self.ticks:
+            rows = None if self.probe is None else self.probe.rows(int(tick))
+            for col in self.cols:
+                if rows is None or rows[col * per_chunk : (col + 1) * per_chunk].any():
+                    yield int(tick), int(col)
 
 
 def _losses_view_at(path: str, condition: pc.Expression | None) -> LossesView:

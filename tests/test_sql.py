@@ -287,3 +287,13 @@ def test_losses_view_is_a_lazy_pyarrow_dataset(chunked, monkeypatch):
     again = pickle.loads(pickle.dumps(view.filter(pc.field("tick") == 0)))
     assert again.count_rows() == sum(1 for r in rows if r["tick"] == 0)
     assert view.sort_by("value").to_table().num_rows == len(rows)
+
+
+def test_a_tick_range_and_a_long_in_list_decode_only_matching_chunks(chunked, monkeypatch):
+    led, rows = chunked
+    reads = count_chunk_reads(monkeypatch)
+    ids = [1000 + 3 * r for r in (0, 5, 9)] + list(range(3000, 3100))  # columns 0, 1, 2 and 100 absent ids
+    where = f"run = 'a' AND tick BETWEEN 2 AND 4 AND sample_id IN ({', '.join(map(str, ids))})"
+    got = led.sql(f"SELECT * FROM losses WHERE {where} ORDER BY ALL")
+    assert [tuple(r.values()) for r in got.to_pylist()] == reference(rows, where)
+    assert sorted(reads) == sorted((t, c) for _ in ("loss", "margin") for t in (2, 3, 4) for c in (0, 1, 2))
