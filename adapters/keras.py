@@ -200,9 +200,10 @@ def _targets(y: Any, names: list[str]) -> list[Any]:
         if missing:
             raise ShapeMismatchError(f"y has no targets for outputs {missing}; its keys are {sorted(y)}")
         return [y[name] for name in names]
-    if isinstance(y, (list, tuple)) and len(names) > 1:
+    if isinstance(y, (list, tuple)):  # a structure of arrays (a list of numbers is refused by _rows before)
         if len(y) != len(names):
-            raise ShapeMismatchError(f"y has {len(y)} targets for {len(names)} model outputs {names}")
+            outputs = "a single-output model" if names == [""] else f"{len(names)} model outputs {names}"
+            raise ShapeMismatchError(f"y has {len(y)} targets for {outputs}; pass one target per output")
         return list(y)
     if len(names) > 1:
         raise ShapeMismatchError(f"the model has outputs {names}; pass y as a list or dict with one target each")

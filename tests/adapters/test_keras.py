@@ -260,6 +260,12 @@ def _api(root: Path) -> None:
         assert "one value per sample" in str(err)
     else:
         raise AssertionError("a loss reduced over the batch was accepted")
+    try:
+        probe_losses(model, x, [target, target], loss="mse")
+    except ll.errors.ShapeMismatchError as err:
+        assert "one target per output" in str(err)
+    else:
+        raise AssertionError("two targets for a single-output model were accepted")
     # Element-wise losses: averaged per sample, or kept whole with per_element=True; batches never padded.
     pred = model.predict(x, verbose=0).astype(np.float64)
     squared = (target - pred) ** 2
