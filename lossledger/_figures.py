@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import InputPathError, ShapeMismatchError
+from .errors import InputPathError, MissingDependencyError, ShapeMismatchError
 
 #: Colours of clusters, runs and splits (matplotlib's tab10, written out so that nothing is looked up).
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -31,7 +31,7 @@ def require() -> Any:
         import matplotlib
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             "the HTML report draws its figures with matplotlib, which is not installed: "
             "pip install 'lossledger[report]' (or pip install matplotlib)"
         ) from err

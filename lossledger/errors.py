@@ -76,6 +76,10 @@ class InputPathError(LedgerError, FileNotFoundError):
     """A file to read (images for a report, a dataset) does not exist."""
 
 
+class MissingDependencyError(LedgerError, ImportError):
+    """An optional package a feature needs is not installed (the message names the extra that installs it)."""
+
+
 class _KeyErrorMessage(KeyError):
     # KeyError.__str__ quotes its argument; show the message as written.
     def __str__(self) -> str:
@@ -105,6 +109,7 @@ __all__ = [
     "LedgerExistsError",
     "LedgerNotFoundError",
     "LedgerWarning",
+    "MissingDependencyError",
     "NonFiniteValueError",
     "NotALedgerError",
     "OutputPathError",

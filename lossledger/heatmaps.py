@@ -24,7 +24,7 @@ import pyarrow.csv as pacsv
 
 from . import pixels
 from ._arrays import as_ids, to_numpy
-from .errors import OutputPathError, ShapeMismatchError
+from .errors import MissingDependencyError, OutputPathError, ShapeMismatchError
 from .pixels import PixelMaps, _labels_source, _moments, _slabs, _source, pixel_action
 from .scores import Dt
 
@@ -271,7 +271,7 @@ def _matplotlib() -> Any:
         import matplotlib.colors
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependencyError(
             "drawing heatmaps needs matplotlib: pip install 'lossledger[report]' (or pass png=False to write "
             "the .npy maps only)"
         ) from err

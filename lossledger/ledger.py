@@ -349,8 +349,8 @@ class Ledger:
     ) -> PixelMaps:
         """Per-pixel action, mean and variance maps (k, H, W) of samples ``ids`` of a dense stream.
 
-        See :func:`lossledger.pixels.pixel_action` (and ``pixel_summary``, ``pixel_class_action``,
-        ``pca_embedding`` there). Memory: the maps of the requested samples plus one 64 MB block.
+        See :func:`lossledger.pixels.pixel_action` (and ``pixel_summary``, ``pixel_class_action`` there,
+        ``pca_embedding`` and ``write_maps`` in :mod:`lossledger.heatmaps`). Memory: the maps of the requested samples plus one 64 MB block.
         """
         return pixels.pixel_action(self, run, stream, ids=ids, dt=dt, ticks=ticks)
 

@@ -238,10 +238,13 @@ class Run:
     def _check_finite(self, name: str, stream: _Stream, values: np.ndarray) -> None:
         if values.dtype.kind != "f":
             return
-        if not self._allow_nonfinite and not np.isfinite(values).all():
-            bad = int(values.size - np.isfinite(values).sum())
+        # In an element stream (pixel maps) NaN marks an ignored element (void, ignore_index): allowed; inf never.
+        finite = np.isfinite(values) | np.isnan(values) if stream.element_shape else np.isfinite(values)
+        if not self._allow_nonfinite and not finite.all():
+            bad = int(values.size - finite.sum())
+            what = "inf" if stream.element_shape else "NaN/inf"
             raise NonFiniteValueError(
-                f"stream {name!r} got {bad} NaN/inf value(s); fix the loss (e.g. clamp log(0)), or open the run "
+                f"stream {name!r} got {bad} {what} value(s); fix the loss (e.g. clamp log(0)), or open the run "
                 "with allow_nonfinite=True to store them (NaN then reads as 'not logged')"
             )
         if stream.dtype == "float16" and np.nanmax(np.abs(values), initial=0.0) > _FLOAT16_MAX:

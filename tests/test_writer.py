@@ -245,3 +245,18 @@ def test_overwrite_replaces_a_ledger(ledger):
         run.end_epoch()
     fresh = ll.create(ledger.path, n_samples=3, overwrite=True)
     assert fresh.n_samples == 3 and fresh.runs == []
+
+
+def test_nan_marks_ignored_elements_but_inf_and_scalar_nan_raise(ledger):
+    with ledger.run("r") as run:
+        maps = np.ones((2, 2, 3), np.float32)
+        maps[0, 0, 0] = np.nan  # an ignored pixel
+        run.log([0, 1], pixel=maps)
+        maps[1, 1, 1] = np.inf
+        with pytest.raises(ll.errors.NonFiniteValueError, match="1 inf value"):
+            run.log([2, 3], pixel=maps)
+        with pytest.raises(ll.errors.NonFiniteValueError, match="NaN/inf"):
+            run.log([0], loss=[np.nan])
+        run.end_epoch()
+    got = ledger.trajectories("r", "pixel", ids=[0, 2])
+    assert np.isnan(got[0, 0, 0, 0]) and (got[0, 0][~np.isnan(got[0, 0])] == 1).all() and np.isnan(got[1]).all()
