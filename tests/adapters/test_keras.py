@@ -31,7 +31,8 @@ def backend_run(request, tmp_path_factory) -> tuple[str, str]:
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed (pip install 'lossledger[{extra}]')")
     root = tmp_path_factory.mktemp(f"keras-{backend}")
-    env = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu"}
+    # One torch thread: tiny models train faster, and a busy machine cannot stall its thread pool.
+    env = {**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, __file__, backend, str(root)], env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     return backend, proc.stdout + proc.stderr
