@@ -185,7 +185,7 @@ class SampleIndex:
                 bad = ids[(ids < 0) | (ids >= self.n)]
                 raise UnknownSampleError(
                     f"{bad.size} id(s) out of range 0..{self.n - 1}, e.g. {bad[:5].tolist()}; this ledger has "
-                    f"{self.n} samples with ids 0..{self.n - 1}: log only those (create the ledger with "
+                    f"{self.n} samples with ids 0..{self.n - 1}: use only those (create the ledger with "
                     "sample_ids= to use other ids)"
                 )
             return ids
@@ -195,7 +195,7 @@ class SampleIndex:
         if not found.all():
             bad = ids[~found]
             raise UnknownSampleError(
-                f"{bad.size} id(s) are not samples of this ledger, e.g. {bad[:5].tolist()}; log only the "
+                f"{bad.size} id(s) are not samples of this ledger, e.g. {bad[:5].tolist()}; use only the "
                 "sample_ids given to lossledger.create()"
             )
         return self._order[pos_clipped]
