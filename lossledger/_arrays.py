@@ -63,9 +63,16 @@ def as_ids(obj: Any) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
+#: Float types of the ``ml_dtypes`` package (JAX's bfloat16 and float8 arrays): numpy sees them as kind "V".
+_ML_FLOATS = frozenset({"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
+                        "float8_e4m3b11fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu"})
+
+
 def as_values(obj: Any, stream: str, n_ids: int) -> np.ndarray:
     """Per-sample values of one stream: shape (n_ids, *element_shape), real numbers."""
     values = to_numpy(obj, f"values of stream {stream!r}")
+    if values.dtype.kind == "V" and values.dtype.name in _ML_FLOATS:  # ml_dtypes (jax): bfloat16, float8_*
+        values = values.astype(np.float32)
     if values.dtype.kind not in "fiub":
         raise InvalidDTypeError(
             f"stream {stream!r} got values of dtype {values.dtype}; log real numbers (float, int or bool), "

@@ -260,3 +260,11 @@ def test_nan_marks_ignored_elements_but_inf_and_scalar_nan_raise(ledger):
         run.end_epoch()
     got = ledger.trajectories("r", "pixel", ids=[0, 2])
     assert np.isnan(got[0, 0, 0, 0]) and (got[0, 0][~np.isnan(got[0, 0])] == 1).all() and np.isnan(got[1]).all()
+
+
+def test_bfloat16_values_from_ml_dtypes_are_stored_as_float32(ledger):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    with ledger.run("r") as run:
+        run.log([0, 1], loss=np.array([0.5, 1.25], dtype=ml_dtypes.bfloat16))
+        run.end_epoch()
+    np.testing.assert_array_equal(ledger.trajectories("r", ids=[0, 1])[:, 0], [0.5, 1.25])
