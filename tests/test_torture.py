@@ -428,9 +428,9 @@ def test_export_killed_leaves_the_old_file_or_the_whole_new_one(zygote, tmp_path
     rng = np.random.default_rng(3)
     outcomes = {"old": 0, "new": 0}
     for trial in range(12):
-        kill = ["write", "replace", "timed"][trial % 3]
-        k = int(rng.integers(1, 5)) if kill == "write" else 1  # 4 tables: (2 runs) x (2 streams)
-        zygote.start("exporter", path=str(path), target=str(target), kill=kill, k=k, before=bool(rng.integers(2)))
+        kill, before = ["write", "replace", "timed"][trial % 3], trial // 3 % 2 == 0
+        k = int(rng.integers(1, 5)) if kill == "write" else 1  # 4 tables: (2 runs) x (2 streams); 1 rename
+        zygote.start("exporter", path=str(path), target=str(target), kill=kill, k=k, before=before)
         if kill == "timed":
             zygote.kill_after(lambda line: line == "start", rng.uniform(0, 0.03))
         status, _ = zygote.finish()
@@ -479,8 +479,9 @@ def test_score_cache_write_killed_then_scores_are_right(zygote, tmp_path):
             with ll.open(path, mode="a") as writer, writer.run("r") as run:
                 run.log(IDS[:3], loss=[1.0, 2.0, 3.0])
                 run.end_epoch(step=500)
-        kill = ["write", "replace", "timed"][trial % 3]
-        zygote.start("scorer", path=str(path), dt=dt, kill=kill, k=int(rng.integers(1, 4)), before=bool(rng.integers(2)))
+        kill, before = ["write", "replace", "timed"][trial % 3], trial // 3 % 2 == 0
+        k = int(rng.integers(1, 4)) if kill == "write" else 1  # many batches; 1 rename
+        zygote.start("scorer", path=str(path), dt=dt, kill=kill, k=k, before=before)
         if kill == "timed":
             zygote.kill_after(lambda line: line == "start", rng.uniform(0, 0.02))
         zygote.finish()
