@@ -403,6 +403,17 @@ def test_bit_flip_inside_a_chunk_is_detected(base, pristine, tmp_path):
     check(path, pristine, READ_LOSS, LOSS_CHUNK)
 
 
+@pytest.mark.xfail(strict=True, reason="lossledger/dynamics.py (also analysis/window.py, analysis/clusters.py, "
+                   "pixels.py) opens stream arrays without checking them against the commit record and the samples "
+                   "(lossledger._commit.stream_meta / open_stream do): an array of fewer rows gives garbage scores")
+def test_dynamics_on_a_stream_array_of_the_wrong_shape(base, tmp_path):
+    path = tmp_path / "d.ll"
+    shutil.copytree(base, path)
+    _json(LOSS_META, lambda d: d.update(shape=[16, N - 1]))(path)
+    with pytest.raises(CorruptLedgerError, match="rows, but the ledger has 40 samples"):
+        ll.dynamics.aum(ll.open(path), "r", margin="loss")
+
+
 # --- random damage -------------------------------------------------------------------------------------
 def _files(base: Path) -> list[str]:
     return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
