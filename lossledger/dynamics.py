@@ -46,10 +46,9 @@ import numpy as np
 import pyarrow as pa
 
 from ._arrays import tick_positions
-from ._commit import read_run_attrs
+from ._commit import open_stream, read_run_attrs
 from ._scan import Slab, scan
 from .errors import InvalidDTypeError, ShapeMismatchError, UnknownStreamError
-from .format import stream_key
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -355,7 +354,7 @@ def _stream_array(ledger: Ledger, run: str, commit: dict[str, Any], stream: str,
             f"stream {stream!r} of run {run!r} has element shape {element_shape}; these scores need a scalar per "
             "sample and tick (log one value per sample, e.g. the reduced per-sample value)"
         )
-    return ledger._io.open_array(stream_key(run, stream))
+    return open_stream(ledger._io, run, stream, commit, ledger.n_samples)
 
 
 def _collect(

@@ -33,10 +33,9 @@ import numpy as np
 import pyarrow as pa
 
 from ._arrays import as_ids, tick_positions, to_numpy
-from ._commit import read_run_attrs, read_ticks
+from ._commit import open_stream, read_run_attrs, read_ticks
 from ._scan import scan
 from .errors import InvalidDTypeError, ShapeMismatchError, UnknownStreamError
-from .format import stream_key
 from .scores import DT_MODES, Dt, tick_durations
 
 if TYPE_CHECKING:
@@ -298,7 +297,7 @@ def _source(ledger: Ledger, run: str, stream: str, dt: str, ticks: Any, *, need_
     tick_index = np.unique(tick_positions(ticks, n_ticks))
     rows = read_ticks(ledger._io, run, commit)
     dts = tick_durations(dt, rows["step"], rows["wall"])[tick_index] if n_ticks else np.zeros(0)
-    array = ledger._io.open_array(stream_key(run, stream))
+    array = open_stream(ledger._io, run, stream, commit, ledger.n_samples)
     return _Source(array, element_shape, tick_index, dts, int(array.shape[1]), int(array.chunks[1]))
 
 

@@ -403,15 +403,18 @@ def test_bit_flip_inside_a_chunk_is_detected(base, pristine, tmp_path):
     check(path, pristine, READ_LOSS, LOSS_CHUNK)
 
 
-@pytest.mark.xfail(strict=True, reason="lossledger/dynamics.py (also analysis/window.py, analysis/clusters.py, "
-                   "pixels.py) opens stream arrays without checking them against the commit record and the samples "
-                   "(lossledger._commit.stream_meta / open_stream do): an array of fewer rows gives garbage scores")
-def test_dynamics_on_a_stream_array_of_the_wrong_shape(base, tmp_path):
+def test_analyses_on_a_stream_array_of_the_wrong_shape(base, tmp_path):
     path = tmp_path / "d.ll"
     shutil.copytree(base, path)
     _json(LOSS_META, lambda d: d.update(shape=[16, N - 1]))(path)
-    with pytest.raises(CorruptLedgerError, match="rows, but the ledger has 40 samples"):
-        ll.dynamics.aum(ll.open(path), "r", margin="loss")
+    ledger = ll.open(path)
+    for analysis in (
+        lambda: ll.dynamics.aum(ledger, "r", margin="loss"),
+        lambda: ll.analysis.memorization_window(ledger, "r"),
+        lambda: ll.analysis.cluster_curves(ledger, "r"),
+    ):
+        with pytest.raises(CorruptLedgerError, match="rows, but the ledger has 40 samples"):
+            analysis()
 
 
 # --- random damage -------------------------------------------------------------------------------------

@@ -35,10 +35,9 @@ import pyarrow as pa
 
 from .. import _scan
 from .._arrays import tick_positions
-from .._commit import read_run_attrs
+from .._commit import open_stream, read_run_attrs
 from .._scan import ChunkSource, read_chunks
 from ..errors import ShapeMismatchError, UnknownStreamError
-from ..format import stream_key
 from .curriculum import _label_array
 
 if TYPE_CHECKING:
@@ -217,7 +216,7 @@ class _CurveReader:
         self.tick_index = np.unique(tick_positions(ticks, commit["ticks"]))
         if self.tick_index.size == 0:
             raise ShapeMismatchError(f"run {run!r} has no committed ticks in the window {ticks!r} to cluster")
-        self.array: zarr.Array = ledger._io.open_array(stream_key(run, stream))
+        self.array: zarr.Array = open_stream(ledger._io, run, stream, commit, ledger.n_samples)
         self.batch_size = batch_size
         self.normalize = normalize
         self._cache: list[tuple[np.ndarray, np.ndarray]] | None = None

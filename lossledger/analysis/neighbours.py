@@ -16,10 +16,9 @@ import numpy as np
 import pyarrow as pa
 
 from .._arrays import as_ids, tick_positions, to_numpy
-from .._commit import read_run_attrs
+from .._commit import open_stream, read_run_attrs
 from .._scan import scan
 from ..errors import ShapeMismatchError, UnknownStreamError
-from ..format import stream_key
 from .curriculum import _label_array
 
 if TYPE_CHECKING:
@@ -215,4 +214,4 @@ def stream_at_tick(
     if commit["ticks"] == 0:
         raise ShapeMismatchError(f"run {run!r} has no committed ticks yet; call run.end_epoch() first")
     position = int(tick_positions([tick], commit["ticks"])[0])
-    return ledger._io.open_array(stream_key(run, stream)), position, element
+    return open_stream(ledger._io, run, stream, commit, ledger.n_samples), position, element

@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pyarrow as pa
 
-from .._commit import read_run_attrs
+from .._commit import open_stream, read_run_attrs
 from .._scan import scan
 from ..errors import ShapeMismatchError, UnknownStreamError
-from ..format import stream_key
 
 if TYPE_CHECKING:
     from ..ledger import Ledger
@@ -74,7 +73,7 @@ def memorization_window(
     n_ticks = commit["ticks"]
     validation = _split_mask(ledger, VALIDATION_SPLITS)
     train = _split_mask(ledger, ("train",))
-    array = ledger._io.open_array(stream_key(run, stream))
+    array = open_stream(ledger._io, run, stream, commit, ledger.n_samples)
     hist, val_sum, val_n = _per_tick(array, n_ticks, train, validation)
     if method == "auto":
         method = "validation" if validation is not None and val_n.sum() > 0 else "separability"
