@@ -129,7 +129,7 @@ class Recorder:
     ) -> None:
         self._pending: list[_Entry] = []
         self._merged = 0  # leading entries of _pending that are merged blocks
-        self._names: set[str] = set()  # stream names already checked
+        self._shapes: dict[str, torch.Size] = {}  # element shape of each stream logged (names already checked)
         self._steps = 0  # log calls in this tick that count as optimizer steps
         self._closed = False
         self._writer: ThreadPoolExecutor | None = None
@@ -262,14 +262,20 @@ class Recorder:
         n = ids_t.shape[0]
         values: dict[str, torch.Tensor] = {}
         for name, raw in streams.items():
-            if name not in self._names:
-                self._names.add(check_stream_name(name))
             t = raw if isinstance(raw, torch.Tensor) else _as_tensor(raw, f"stream {name!r}")
             if t.ndim == 0 or t.shape[0] != n:
                 got = "a scalar" if t.ndim == 0 else f"shape {tuple(t.shape)}"
                 raise ShapeMismatchError(
                     f"stream {name!r} got {got} for {n} ids; log one value per sample "
                     "(a per-sample loss uses reduction='none')"
+                )
+            element = self._shapes.get(name)
+            if element is None:
+                self._shapes[check_stream_name(name)] = element = t.shape[1:]
+            if t.shape[1:] != element:
+                raise ShapeMismatchError(
+                    f"stream {name!r} has element shape {tuple(element)} but got {tuple(t.shape[1:])}; keep one "
+                    "element shape per stream (log other shapes to a new stream name)"
                 )
             if t.is_complex():
                 raise InvalidDTypeError(f"stream {name!r} got complex values; log real numbers")

@@ -23,7 +23,7 @@ The goal applies to the ratio of the medians of the per-epoch wall times; the ra
 torch runs on 1 intra-op thread by default (``--threads``): tiny models gain nothing from more, and on a busy
 2-core machine extra threads make the timings noise.
 
-    python benchmarks/overhead.py            # ~1 min on 2 CPU cores
+    python benchmarks/overhead.py            # ~50 s on 2 CPU cores
     python benchmarks/overhead.py --quick    # fewer rounds
 
 Always exits 0: timings depend on the machine; read the ratio columns.

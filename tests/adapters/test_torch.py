@@ -248,6 +248,9 @@ def test_recorder_input_errors_say_what_to_do(digits_ledger):
                 rec.log(torch.arange(4.0), losses)
             with pytest.raises(ShapeMismatchError, match="pass it once"):
                 rec.log(torch.arange(4), losses, loss=losses)
+            rec.log(torch.arange(4), emb=torch.rand(4, 3))
+            with pytest.raises(ShapeMismatchError, match=r"element shape \(3,\) but got \(2,\)"):
+                rec.log(torch.arange(4, 8), emb=torch.rand(4, 2))
             rec.log(torch.arange(4), losses)
             assert not any(t.requires_grad for e in rec._pending for t in e.streams.values())  # detached
             rec.end_epoch()
