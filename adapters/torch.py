@@ -33,7 +33,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from lossledger.errors import InvalidDTypeError, LedgerError, LedgerWarning, RunClosedError, ShapeMismatchError
+from lossledger.errors import (
+    AdapterError,
+    InvalidDTypeError,
+    LedgerWarning,
+    RunClosedError,
+    ShapeMismatchError,
+)
 from lossledger.format import check_stream_name
 from lossledger.run import Run
 
@@ -46,10 +52,6 @@ _ACTIVE: weakref.WeakKeyDictionary[Run, weakref.ref[Recorder]] = weakref.WeakKey
 _COMPACT_EVERY = 128
 
 _INT_DTYPES = frozenset({torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32})
-
-
-class AdapterError(LedgerError, ValueError):
-    """An adapter was set up wrongly (no run on the writing rank, an unknown layer, a resume mismatch ...)."""
 
 
 class IndexedDataset(Dataset):

@@ -76,6 +76,10 @@ class InputPathError(LedgerError, FileNotFoundError):
     """A file to read (images for a report, a dataset) does not exist."""
 
 
+class AdapterError(LedgerError, ValueError):
+    """A framework adapter was set up wrongly (no run on the writing rank, an unknown layer, a resume mismatch)."""
+
+
 class MissingDependencyError(LedgerError, ImportError):
     """An optional package a feature needs is not installed (the message names the extra that installs it)."""
 
@@ -99,6 +103,7 @@ class UnknownStreamError(LedgerError, _KeyErrorMessage):
 
 
 __all__ = [
+    "AdapterError",
     "CorruptLedgerError",
     "DuplicateSampleError",
     "FormatVersionError",

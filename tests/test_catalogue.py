@@ -199,7 +199,7 @@ def test_bad_input_raises_says_what_to_do_and_writes_nothing(names, case, call, 
 
 
 #: Error classes no call can raise here: the base classes, and missing optional packages (installed for tests).
-NOT_RAISED = {"LedgerError", "LedgerWarning", "MissingDependencyError"}
+NOT_RAISED = {"LedgerError", "LedgerWarning", "MissingDependencyError", "AdapterError"}  # adapters: tests/adapters
 
 
 def test_every_error_class_is_in_the_catalogue():
