@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 import lossledger as ll
+
+# Test the installed package: a checkout's lossledger/ folder lacks lossledger.adapters (installed from adapters/
+# by setuptools), so child processes (python -c, python -m lossledger) must not put the working folder first on
+# sys.path. The README runs pytest through its console script for the same reason.
+os.environ["PYTHONSAFEPATH"] = "1"
 
 
 @pytest.fixture
