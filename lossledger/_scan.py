@@ -34,14 +34,15 @@ READ_THREADS = max(2, min(4, os.cpu_count() or 2))
 #: Chunks a :func:`read_chunks` keeps in flight ahead of its caller.
 READ_AHEAD_CHUNKS = 8
 
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
 
 
 def _read_pool() -> ThreadPoolExecutor:
+    """The reading threads of this process: a forked child gets its own (the parent's threads are not in it)."""
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lossledger-read")
-    return _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lossledger-read"))
+    return _pool[1]
 
 
 @dataclass(frozen=True)

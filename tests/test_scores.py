@@ -226,3 +226,37 @@ def test_damaged_chunk_is_reported(ledger):
     chunk.write_bytes(chunk.read_bytes()[:20])
     with pytest.raises(E.CorruptLedgerError, match="restore it from a copy"):
         ledger.scores("r")
+
+
+def _scores_in_child(path: str, queue) -> None:
+    led = ll.open(path)
+    queue.put(led.scores("r", ticks=[0, 1])["action"].to_pylist())  # a window: computed, not read from the cache
+
+
+def test_a_forked_child_reads_after_its_parent_did(ledger):
+    import multiprocessing
+    import threading
+
+    from lossledger import _scan
+
+    with ledger.run("r") as run:
+        for t in range(2):
+            run.log(np.arange(10), loss=np.arange(10, dtype=np.float32) + t)
+            run.end_epoch()
+    want = ledger.scores("r", ticks=[0, 1])["action"].to_pylist()
+    pool = _scan._read_pool()  # make every reading thread of the parent exist, as after a large read
+    barrier = threading.Barrier(_scan.READ_THREADS + 1)
+    started = [pool.submit(barrier.wait) for _ in range(_scan.READ_THREADS)]
+    barrier.wait()
+    for future in started:
+        future.result()
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_scores_in_child, args=(str(ledger.path), queue))
+    child.start()
+    child.join(120)  # a child that waits for its parent's threads, which fork does not copy, never ends
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+    assert queue.get(timeout=10) == want
