@@ -45,6 +45,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import mmap
 import os
 import shutil
@@ -277,9 +278,7 @@ def memory_child(kind: str, ledger_path: str, npy: str) -> dict:
 
     def sample() -> None:
         while not stop.is_set():
-            r = read_rss()
-            if r > peak[0]:
-                peak[0] = r
+            peak[0] = max(peak[0], read_rss())
             time.sleep(0.0005)
 
     gc.collect()
@@ -306,7 +305,7 @@ def memory_child(kind: str, ledger_path: str, npy: str) -> dict:
 def run_memory_child(kind: str, ledger_path: Path, npy: Path) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", kind, "--_ledger", str(ledger_path),
            "--_npy", str(npy)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         print(f"memory child failed (rc {proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
@@ -423,7 +422,7 @@ def main() -> int:
         files = chunk_files(ledger_path)
         fsync_all([*files, npy])
         ledger = ll.open(ledger_path)
-        how = "reused from --dir" if written != written else f"written with the real writer in {written:.1f} s"
+        how = "reused from --dir" if math.isnan(written) else f"written with the real writer in {written:.1f} s"
         print(f"ledger {how}: {len(files)} chunk files, {sum(p.stat().st_size for p in files) / 1e6:.0f} MB; "
               f".npy {npy.stat().st_size / 1e6:.0f} MB; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
 

@@ -13,12 +13,14 @@ NaN fill value (none that lossledger writes) are read through Zarr instead.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numcodecs.blosc
 import numpy as np
@@ -124,7 +126,7 @@ def _chunk_folder(array: zarr.Array) -> Path | None:
     store = array.store
     if not isinstance(store, LocalStore):
         return None
-    meta = array.metadata.to_dict()
+    meta: dict[str, Any] = dict(array.metadata.to_dict())  # the array's zarr.json document
     codecs = list(meta.get("codecs", ()))
     names = [c.get("name") for c in codecs]
     encoding = meta.get("chunk_key_encoding", {})
@@ -238,7 +240,7 @@ def _contiguous_runs(tick_index: np.ndarray) -> list[tuple[int, int]]:
     """Split positions 0..len-1 of a sorted tick list into runs of consecutive ticks: [(pos_start, pos_stop)]."""
     breaks = np.flatnonzero(np.diff(tick_index) != 1) + 1
     edges = np.concatenate([[0], breaks, [tick_index.size]])
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
 def _read_zarr(
@@ -250,6 +252,6 @@ def _read_zarr(
         a, b = max(a, start), min(b, stop)
         if a < b:
             t0 = int(tick_index[a])
-            parts.append(array[t0 : t0 + (b - a), lo:hi])
+            parts.append(np.asarray(array[t0 : t0 + (b - a), lo:hi]))
     values = parts[0] if len(parts) == 1 else np.concatenate(parts)
     return values.astype(np.float32, copy=False)

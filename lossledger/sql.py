@@ -90,7 +90,7 @@ class LossesView(ds.InMemoryDataset):
         self._condition = condition
         self._id_ranges: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def scanner(self, columns: Any = None, filter: pc.Expression | None = None, **kwargs: Any) -> ds.Scanner:  # noqa: A002
+    def scanner(self, columns: Any = None, filter: pc.Expression | None = None, **kwargs: Any) -> ds.Scanner:
         """A one-shot ``pyarrow.dataset.Scanner`` over the ledger as committed now (``columns``/``filter`` as pyarrow's)."""
         condition = _and(self._condition, filter)
         names = [f.name for f in LOSSES_SCHEMA]
@@ -101,11 +101,11 @@ class LossesView(ds.InMemoryDataset):
         batches = self._batches(self._plan(condition), schema)
         return ds.Scanner.from_batches(batches, schema=schema, columns=columns, filter=condition, **kwargs)
 
-    def filter(self, expression: pc.Expression) -> LossesView:  # noqa: A003
+    def filter(self, expression: pc.Expression) -> LossesView:
         """The view with ``expression`` applied at every scan, lazily."""
         return LossesView(self._ledger, _and(self._condition, expression))
 
-    def get_fragments(self, filter: pc.Expression | None = None):  # noqa: A002
+    def get_fragments(self, filter: pc.Expression | None = None):
         return self._materialized().get_fragments(filter=filter)
 
     def join(self, *args: Any, **kwargs: Any) -> ds.InMemoryDataset:
@@ -430,7 +430,7 @@ def _ticks_table(ledger: Ledger) -> pa.Table:
 
 
 def _register_scores(con: duckdb.DuckDBPyConnection, ledger: Ledger) -> None:
-    parts = []
+    parts: list[str] = []
     for run in ledger.runs:
         for stream in read_run_attrs(ledger._io, run)["commit"]["streams"]:
             tables = stored_scores_all(ledger._io, ledger._samples, run, stream)  # the dt modes in one read

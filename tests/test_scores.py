@@ -34,8 +34,7 @@ def reference(values: np.ndarray, dts: np.ndarray) -> dict[str, np.ndarray]:
             "min": np.nanmin(values, 0).astype(np.float64),
             "max": np.nanmax(values, 0).astype(np.float64),
         }
-    for name in out:
-        out[name] = np.where(n_obs > 0, out[name], np.nan)
+    out = {name: np.where(n_obs > 0, values, np.nan) for name, values in out.items()}
     out["n_obs"] = n_obs
     return out
 
