@@ -27,6 +27,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from ._progress import report
 from .errors import CorruptLedgerError
 
 #: Bytes of slabs in memory at once (the slab the caller holds and the one being read ahead), float32.
@@ -196,8 +197,9 @@ def scan(
     ]
     if not source.direct:
         runs = _contiguous_runs(tick_index)
-        for lo, hi, start, stop in plan:
+        for i, (lo, hi, start, stop) in enumerate(plan):
             values = _read_zarr(array, tick_index, runs, start, stop, lo, hi)
+            report(i + 1, len(plan))
             yield Slab(lo, hi, np.arange(start, stop), values, start == 0, stop == n_ticks)
         return
     spare: np.ndarray | None = None  # with reuse: the memory of the slab the caller is done with
@@ -208,6 +210,7 @@ def scan(
             for future in futures:
                 future.result()
             pending = _submit(source, tick_index, plan[i + 1], spare) if i + 1 < len(plan) else (values, [])
+            report(i + 1, len(plan))
             yield Slab(lo, hi, np.arange(start, stop), values, start == 0, stop == n_ticks)
             spare = values.base if reuse and values.base is not None else None
     finally:

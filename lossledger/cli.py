@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import __version__
+from ._progress import reporting, terminal_bar
 from ._render import render_csv, render_text
 from .errors import InputPathError, LedgerError
 from .export import check_output_path, write_parquet
@@ -210,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "format", None) == "parquet" and not args.output:
         parser.error("--format parquet needs --output FILE")
     try:
-        return int(args.handler(args))
+        with reporting(terminal_bar()):  # a progress bar over long scans, on a terminal only
+            return int(args.handler(args))
     except LedgerError as err:
         print(f"lossledger {args.command}: error: {err}", file=sys.stderr)
         return 1
