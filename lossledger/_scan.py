@@ -196,9 +196,9 @@ def scan(
         for start in range(0, n_ticks, ticks_per_slab)
     ]
     if not source.direct:
-        runs = _contiguous_runs(tick_index)
+        runs = contiguous_runs(tick_index)
         for i, (lo, hi, start, stop) in enumerate(plan):
-            values = _read_zarr(array, tick_index, runs, start, stop, lo, hi)
+            values = read_zarr(array, tick_index, runs, start, stop, lo, hi)
             report(i + 1, len(plan))
             yield Slab(lo, hi, np.arange(start, stop), values, start == 0, stop == n_ticks)
         return
@@ -239,16 +239,17 @@ def _submit(
     return values, futures
 
 
-def _contiguous_runs(tick_index: np.ndarray) -> list[tuple[int, int]]:
+def contiguous_runs(tick_index: np.ndarray) -> list[tuple[int, int]]:
     """Split positions 0..len-1 of a sorted tick list into runs of consecutive ticks: [(pos_start, pos_stop)]."""
     breaks = np.flatnonzero(np.diff(tick_index) != 1) + 1
     edges = np.concatenate([[0], breaks, [tick_index.size]])
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
-def _read_zarr(
+def read_zarr(
     array: zarr.Array, tick_index: np.ndarray, runs: list[tuple[int, int]], start: int, stop: int, lo: int, hi: int
 ) -> np.ndarray:
+    """Rows lo..hi at tick positions start..stop (``runs`` from :func:`contiguous_runs`) as float32, through Zarr."""
     # Basic slices over consecutive ticks are ~10x faster in Zarr than orthogonal (integer-array) selection.
     parts = []
     for a, b in runs:

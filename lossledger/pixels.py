@@ -23,7 +23,6 @@ over blocks of at most ``budget / (64 B x pixels)`` samples (at least one chunk)
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import pyarrow as pa
 
 from ._arrays import as_ids, tick_positions, to_numpy
 from ._commit import open_stream, read_run_attrs, read_ticks
-from ._scan import scan
+from ._scan import contiguous_runs, read_zarr, scan
 from .errors import InvalidDTypeError, ShapeMismatchError, UnknownStreamError
 from .scores import DT_MODES, Dt, tick_durations
 
@@ -329,13 +328,13 @@ def _slabs(src: _Source, rows: np.ndarray | None) -> Iterator[tuple[np.ndarray, 
         for slab in scan(src.array, src.tick_index, budget_bytes=budget):
             yield np.arange(slab.lo, slab.hi, dtype=np.int64), slab.ticks, slab.values, slab.block_end
         return
-    runs = _tick_runs(src.tick_index)
+    runs = contiguous_runs(src.tick_index)
     for lo, hi, sel in _plan(src, rows, width):
         assert sel is not None  # a subset of rows
         per_slab = max(1, min(n_ticks, PIXEL_BUDGET_BYTES // max(1, (hi - lo) * element_bytes)))
         for start in range(0, n_ticks, per_slab):
             stop = min(n_ticks, start + per_slab)
-            values = _read(src.array, src.tick_index, runs, start, stop, lo, hi)
+            values = read_zarr(src.array, src.tick_index, runs, start, stop, lo, hi)
             if sel.size != hi - lo:
                 values = values[:, sel]
             yield sel + lo, np.arange(start, stop), values, stop == n_ticks
@@ -355,26 +354,6 @@ def _plan(src: _Source, rows: np.ndarray | None, width: int) -> Iterator[tuple[i
         hi = min(n, (int(rows[j - 1]) // per_chunk + 1) * per_chunk)
         yield lo, hi, rows[i:j] - lo
         i = j
-
-
-def _tick_runs(tick_index: np.ndarray) -> list[tuple[int, int]]:
-    """Positions of a sorted tick list split into runs of consecutive ticks: [(pos_start, pos_stop)]."""
-    edges = np.concatenate([[0], np.flatnonzero(np.diff(tick_index) != 1) + 1, [tick_index.size]])
-    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
-
-
-def _read(
-    array: zarr.Array, tick_index: np.ndarray, runs: list[tuple[int, int]], start: int, stop: int, lo: int, hi: int
-) -> np.ndarray:
-    """Rows lo..hi at tick positions start..stop as float32; basic slices (Zarr decodes whole chunks)."""
-    parts = []
-    for a, b in runs:
-        a, b = max(a, start), min(b, stop)
-        if a < b:
-            t0 = int(tick_index[a])
-            parts.append(np.asarray(array[t0 : t0 + (b - a), lo:hi]))
-    values = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return values.astype(np.float32, copy=False)
 
 
 def _moments(src: _Source, rows: np.ndarray | None) -> Iterator[tuple[np.ndarray, _PixelMoments]]:
