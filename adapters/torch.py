@@ -43,6 +43,8 @@ from lossledger.errors import (
 from lossledger.format import check_stream_name
 from lossledger.run import Run
 
+from ._torch_dist import collective_device, first_rank_wins, gather_padded
+
 __all__ = ["AdapterError", "IndexedDataset", "Recorder", "evaluate"]
 
 #: The open Recorder of each run: evaluate(run, ...) logs through it, and run.close() waits for its commit.
@@ -328,7 +330,7 @@ class Recorder:
         layout = [(name, tuple(values.shape[1:]), int(ids.shape[0])) for name, (ids, values) in mine.items()]
         layouts: list[Any] = [None] * dist.get_world_size(self._group)
         dist.all_gather_object(layouts, layout, self._group)
-        device = _collective_device(self._group)
+        device = collective_device(self._group)
         dst = dist.get_global_rank(self._group, 0) if self._group is not None else 0
         merged: list[tuple[Any, dict[str, Any]]] = []
         for name, shape in dict.fromkeys((name, shape) for rank in layouts for name, shape, _ in rank):
@@ -336,10 +338,10 @@ class Recorder:
             width = int(np.prod(shape, dtype=np.int64))
             ids, values = mine.get(name, (torch.empty(0, dtype=torch.int64), torch.empty((0, *shape))))
             flat = values.reshape(values.shape[0], width)
-            all_ids = _gather_padded(ids, max(lengths), device, dst, self._group, self.rank)
-            all_values = _gather_padded(flat, max(lengths), device, dst, self._group, self.rank)
+            all_ids = gather_padded(ids, max(lengths), device, dst, self._group, self.rank)
+            all_values = gather_padded(flat, max(lengths), device, dst, self._group, self.rank)
             if all_ids is not None and all_values is not None:
-                kept_ids, kept_values = _first_rank_wins(all_ids, all_values, lengths)
+                kept_ids, kept_values = first_rank_wins(all_ids, all_values, lengths)
                 merged.append((kept_ids, {name: kept_values.reshape((-1, *shape))}))
         return merged
 
@@ -375,44 +377,6 @@ def _wait_before_close(run: Run) -> None:
 
     close_after_commit._lossledger_waits = True  # type: ignore[attr-defined]
     run.close = close_after_commit  # type: ignore[method-assign]
-
-
-def _gather_padded(
-    t: torch.Tensor, length: int, device: torch.device, dst: int, group: Any, rank: int
-) -> list[torch.Tensor] | None:
-    """``dist.gather`` of tensors whose first dimension differs across ranks: pad to ``length``; rank 0 strips."""
-    padded = torch.zeros((length, *t.shape[1:]), dtype=t.dtype, device=device)
-    padded[: t.shape[0]] = t.to(device)
-    out = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))] if rank == 0 else None
-    dist.gather(padded, out, dst=dst, group=group)
-    return None if out is None else [o.cpu() for o in out]
-
-
-def _first_rank_wins(
-    all_ids: list[torch.Tensor], all_values: list[torch.Tensor], lengths: list[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate the ranks' values, keeping each id only from the lowest rank that logged it.
-
-    Repeats within one rank are kept: they are the run's ``on_duplicate`` policy to apply, while repeats across
-    ranks are the padding of ``DistributedSampler``.
-    """
-    kept_ids, kept_values = [], []
-    seen = np.empty(0, dtype=np.int64)
-    for ids_t, values_t, n in zip(all_ids, all_values, lengths, strict=True):
-        ids, values = ids_t[:n].numpy(), values_t[:n].numpy()
-        fresh = ~np.isin(ids, seen)
-        kept_ids.append(ids[fresh])
-        kept_values.append(values[fresh])
-        seen = np.union1d(seen, ids)
-    return np.concatenate(kept_ids), np.concatenate(kept_values)
-
-
-def _collective_device(group: Any) -> torch.device:
-    """Where gathered tensors must live: the current CUDA device for NCCL, else the host (gloo, mpi)."""
-    backend = str(dist.get_backend(group))
-    if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 # --- tensors ------------------------------------------------------------------------------------------
