@@ -55,9 +55,11 @@ def compute_scores(
     key = _handed_out_key(io, run, stream, dt) if cacheable else None
     if key is not None and (table := _handed_out.get(key)) is not None:
         return table
+    before = json.dumps(_stamp(read_run_attrs(io, run)["commit"])) if cacheable else None
     table = null_to_nan(stored_scores(io, samples, run, stream, dt, ticks, use_cache=use_cache))
     key = _handed_out_key(io, run, stream, dt) if cacheable else None
-    if key is not None:
+    # Remember the table only under the commit it was computed from: a commit landing meanwhile changes the stamp.
+    if key is not None and key[-1] == before:
         _handed_out[key] = table
     return table
 

@@ -190,10 +190,9 @@ def test_reader_sees_only_committed_prefixes_while_a_writer_commits(tmp_path):
     finally:
         stop.touch()
     seen = json.loads(_finish(reader))
-    # The reader interleaved with the commits (many distinct prefixes) and saw the last one at the end. (Its
-    # scores may lag one commit behind: see the strict xfail at the end of this file.)
+    # The reader interleaved with the commits (many distinct prefixes) and saw the last one at the end.
     assert len(seen["ticks"]) >= 4 and len(seen["scores"]) >= 4, seen
-    assert max(seen["ticks"]) == max(seen["traj"]) == final, seen
+    assert max(seen["ticks"]) == max(seen["traj"]) == max(seen["scores"]) == final, seen
     led = ll.open(path)
     loss, margin = expected("a", final)
     np.testing.assert_array_equal(led.trajectories("a", "loss"), loss)
@@ -345,9 +344,6 @@ def test_stray_temp_files_are_removed_once_no_other_writer_is_alive(tmp_path):
     assert not any(file.exists() for file in stray)
 
 
-@pytest.mark.xfail(strict=True, reason="lossledger/_scoring.py: compute_scores remembers a table under the commit "
-                   "record read after computing it; a commit landing meanwhile makes later calls return the older "
-                   "table while it is held (fix: key the table by the stamp it was computed with)")
 def test_scores_after_a_commit_that_landed_during_the_last_scores_call(tmp_path, monkeypatch):
     import lossledger._scoring as scoring
 
