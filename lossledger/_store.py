@@ -44,17 +44,18 @@ DEFAULT_COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuf
 #: Threads that encode and write a commit's files, the caller's included. Four keep both cores of a small
 #: machine busy while some wait on the file system; more buys nothing for the handful of files of a tick.
 WRITE_THREADS = 4
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
 
 #: A value to store: the bytes, or a function that makes them (called in a writer thread).
 Payload = bytes | Callable[[], bytes]
 
 
 def _write_pool() -> ThreadPoolExecutor:
+    """The writer threads of this process (a forked child makes its own: the parent's threads are not in it)."""
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(WRITE_THREADS - 1, thread_name_prefix="lossledger-write")
-    return _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(WRITE_THREADS - 1, thread_name_prefix="lossledger-write"))
+    return _pool[1]
 
 
 class StoreIO:

@@ -318,8 +318,8 @@ class Ledger:
         ``mean``, ``first``, ``last``, ``min``, ``max`` (float64, NaN for a sample never observed), ``n_obs``.
         ``dt``: Δt of a tick is 1 (``"epoch"``), its optimizer steps (``"step"``) or its seconds (``"wall"``).
         ``ticks``: a window (slice or indices) instead of every committed tick. Definitions:
-        :mod:`lossledger.scores`. Memory: one 64 MB slab plus the result; results over all ticks are cached in
-        the ledger as parquet and recomputed when the run has new commits.
+        :mod:`lossledger.scores`. Memory: two 32 MB slabs (one scored, the next being read) plus the result;
+        results over all ticks are cached in the ledger as parquet and recomputed when the run has new commits.
         """
         stream_meta(self._io, run, stream, read_run_attrs(self._io, run)["commit"], self.n_samples)
         return compute_scores(self._io, self._samples, run, stream, dt, ticks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -268,3 +269,34 @@ def test_bfloat16_values_from_ml_dtypes_are_stored_as_float32(ledger):
         run.log([0, 1], loss=np.array([0.5, 1.25], dtype=ml_dtypes.bfloat16))
         run.end_epoch()
     np.testing.assert_array_equal(ledger.trajectories("r", ids=[0, 1])[:, 0], [0.5, 1.25])
+
+
+def test_a_forked_child_commits_after_its_parent_did(ledger, monkeypatch):
+    """The writer's thread pool is per process: a child forked after the parent committed must not wait on the
+    parent's threads (which a fork does not copy)."""
+    import os
+
+    monkeypatch.setattr("lossledger.format.CHUNK_TARGET_BYTES", 8)  # 5 chunk files per tick: the pool is used
+
+    with ledger.run("parent") as run:
+        run.log(list(range(10)), loss=np.ones(10))
+        run.end_epoch()
+    pid = os.fork()
+    if pid == 0:  # the child: commit a tick of its own run, then leave without running the parent's cleanup
+        code = 1
+        try:
+            with ledger.run("child") as run:
+                run.log(list(range(10)), loss=np.full(10, 2.0))
+                run.end_epoch()
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung committing its tick")
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    np.testing.assert_array_equal(ll.open(ledger.path).trajectories("child")[:, 0], np.full(10, 2.0))
