@@ -52,16 +52,15 @@ import math
 import mmap
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _common import median, print_table, rss_reader, trim_heap
 
 import lossledger as ll
 
@@ -74,10 +73,6 @@ GOAL_PEAK_MB = 256.0  # peak RSS growth while scoring
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
 def fmt_s(x: float) -> str:
     return f"{x * 1e3:.0f} ms" if x < 10 else f"{x:.1f} s"
 
@@ -85,29 +80,6 @@ def fmt_s(x: float) -> str:
 def span(xs: list[float]) -> str:
     """Median, and the fastest and slowest call."""
     return f"{fmt_s(median(xs))} ({fmt_s(min(xs))}..{fmt_s(max(xs))})"
-
-
-def rss_reader() -> tuple[Callable[[], int], str]:
-    try:
-        import psutil
-
-        proc = psutil.Process()
-        return (lambda: proc.memory_info().rss), f"psutil {psutil.__version__} RSS"
-    except ImportError:
-        page = os.sysconf("SC_PAGE_SIZE")
-
-        def read() -> int:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * page
-
-        return read, "/proc/self/statm RSS"
-
-
-def trim_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def vm_hwm() -> int | None:
@@ -578,16 +550,7 @@ def main() -> int:
         if not args.dir:
             shutil.rmtree(folder, ignore_errors=True)
 
-    width = [max(len(r[i]) for r in rows) for i in range(4)]
-    header = ("measure", "value", "goal", "ratio / verdict")
-    width = [max(w, len(h)) for w, h in zip(width, header)]
-    line = "  ".join("-" * w for w in width)
-    print()
-    print("  ".join(h.ljust(w) for h, w in zip(header, width)))
-    print(line)
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip())
-    print(line)
+    print_table(rows)
     print(f"timings: median (fastest..slowest) of {args.repeat} calls (naive: {args.naive_repeat}, queries: "
           f"{args.query_repeat}), contenders interleaved in rotating order; score cache deleted before each ours call")
     print(f"memory: {rss_source} sampled every 0.5 ms by a thread and VmHWM, growth over the RSS after a warm-up "

@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import median, print_table, rss_reader, trim_heap
 
 import lossledger as ll
 
@@ -91,36 +91,6 @@ def tick_bytes(ledger_path: Path, run: str, stream: str, tick: int) -> tuple[int
             size += st.st_size
             blocks += st.st_blocks * 512
     return size, blocks
-
-
-def rss_reader():
-    try:
-        import psutil
-
-        proc = psutil.Process()
-        return (lambda: proc.memory_info().rss), f"psutil {psutil.__version__} RSS"
-    except ImportError:
-        page = os.sysconf("SC_PAGE_SIZE")
-
-        def read() -> int:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * page
-
-        return read, "/proc/self/statm RSS"
-
-
-def trim_heap() -> None:
-    """Return free heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
 
 
 def mb(x: float) -> str:
@@ -399,16 +369,7 @@ def main() -> int:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-    width = [max(len(r[i]) for r in rows) for i in range(4)]
-    header = ("measure", "value", "goal", "ratio / verdict")
-    width = [max(w, len(h)) for w, h in zip(width, header)]
-    line = "  ".join("-" * w for w in width)
-    print()
-    print("  ".join(h.ljust(w) for h, w in zip(header, width)))
-    print(line)
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, width)).rstrip())
-    print(line)
+    print_table(rows)
     print(f"memory: {rss_source} sampled every 0.5 ms by a thread, growth over "
           f"the RSS before the first tick, in a fresh process; tracemalloc run separately")
     print(f"timings: median of {args.repeat} ticks (tick 0 excluded), end_epoch and np.save interleaved, "

@@ -30,12 +30,8 @@ N_TRAIN = 1200  # digits rows 0..1199 are the training split, the other 597 the 
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models: torch's intra-op threads only add contention on a shared 2-core CI machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_torch_thread):
+    """Every test of this module runs with one torch thread (fixture in tests/adapters/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
