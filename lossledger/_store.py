@@ -218,8 +218,12 @@ class StoreIO:
 
 
 def json_bytes(doc: Mapping[str, Any]) -> bytes:
-    """A metadata document as stored: indented JSON (Zarr writes NaN fill values as the string "NaN")."""
-    return json.dumps(doc, indent=2, allow_nan=False).encode()
+    """A metadata document as stored: compact JSON (Zarr writes NaN fill values as the string "NaN").
+
+    Compact, not indented: ``json`` encodes indented output in pure Python, which made encoding the commit
+    record (with up to 64 pending tick rows) about a third of the commit time of a small tick.
+    """
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
 class ChunkEncoder:
