@@ -103,7 +103,7 @@ def correlate(
     groups: list[tuple[str, np.ndarray | None]] = [("all", None)]
     if by_class and labels is not None:
         groups += _class_rows(labels, ledger.classes)
-    prepare = _average_ranks if method == "spearman" else np.asarray
+    prepare = average_ranks if method == "spearman" else np.asarray
     out: dict[str, list[Any]] = {"run_a": [], "run_b": [], "group": [], "quantile": [], "n": [], "r": []}
     for i, j in combinations(range(len(names)), 2):
         both = ~np.isnan(scores[i]) & ~np.isnan(scores[j])
@@ -180,7 +180,7 @@ def _class_rows(labels: np.ndarray, classes: Sequence[str] | None) -> list[tuple
     return [(name, order[lo:hi]) for name, lo, hi in zip(names, *bounds)]
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
+def average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks of ``x``, tied values sharing the mean of their ranks (scipy's ``rankdata``)."""
     order = np.argsort(x, kind="stable")
     ordered = x[order]

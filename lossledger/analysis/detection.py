@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..compare import average_ranks
 from ..errors import ShapeMismatchError
 
 
@@ -22,7 +23,7 @@ def auroc(scores: Any, positive: Any) -> float:
     n_neg = pos.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = _average_ranks(s)
+    ranks = average_ranks(s)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -70,14 +71,3 @@ def _pair(scores: Any, positive: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ShapeMismatchError(f"scores has {s.size} values but positive has {pos.size}; pass one flag per score")
     keep = ~np.isnan(s)
     return s[keep], pos[keep]
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given their average rank (as ``scipy.stats.rankdata``)."""
-    order = np.argsort(values, kind="stable")
-    sorted_values = values[order]
-    starts = np.flatnonzero(np.concatenate([[True], sorted_values[1:] != sorted_values[:-1]]))
-    ends = np.concatenate([starts[1:], [values.size]])
-    ranks = np.empty(values.size, dtype=np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return ranks
