@@ -49,6 +49,7 @@ from ._arrays import tick_positions
 from ._commit import open_stream, read_run_attrs
 from ._scan import Slab, scan
 from .errors import InvalidDTypeError, ShapeMismatchError, UnknownStreamError
+from .scores import _BlockMoments
 
 if TYPE_CHECKING:
     from .ledger import Ledger
@@ -267,31 +268,17 @@ class _Sums:
 
 
 class _Moments:
-    """Count, mean and population variance of the observed values, merged slab by slab (Chan et al.)."""
+    """Count, mean and population variance of the observed values: the score engine's block statistics."""
 
     def __init__(self, width: int) -> None:
-        self.n = np.zeros(width, np.int64)
-        self.mean = np.zeros(width, np.float64)
-        self.m2 = np.zeros(width, np.float64)
+        self._stats = _BlockMoments((width,))
 
     def update(self, values: np.ndarray) -> None:
-        values = values.astype(np.float64, copy=False)
-        valid = ~np.isnan(values)
-        count = valid.sum(axis=0)
-        seen = count > 0
-        group_mean = np.divide(np.where(valid, values, 0.0).sum(axis=0), count, out=np.zeros(count.shape), where=seen)
-        group_m2 = np.where(valid, (values - group_mean) ** 2, 0.0).sum(axis=0)
-        total = self.n + count
-        share = np.divide(count, total, out=np.zeros(count.shape), where=total > 0)
-        delta = group_mean - self.mean
-        self.m2 += group_m2 + delta**2 * self.n * share
-        self.mean += delta * share
-        self.n = total
+        self._stats.update(values, np.ones((1, values.shape[0])))
 
     def result(self) -> dict[str, np.ndarray]:
-        observed = self.n > 0
-        var = np.divide(self.m2, self.n, out=np.full(self.n.shape, np.nan), where=observed)
-        return {"n": self.n, "mean": np.where(observed, self.mean, np.nan), "var": var}
+        stats = self._stats.per_sample()
+        return {"n": stats["n_obs"], "mean": stats["mean"], "var": stats["variance"]}
 
 
 class _Transitions:
