@@ -434,10 +434,11 @@ def _zarr_read(io: StoreIO, key: str, selection: Any) -> np.ndarray:
         ) from err
 
 
-def decode_blosc(data: bytes, nbytes: int, path: Any) -> bytes:
+def decode_blosc(data: bytes, nbytes: int, path: Any, out: np.ndarray | None = None) -> Any:
     """Decode one blosc chunk of ``nbytes`` bytes, after checking its header against the file's length.
 
-    Blosc trusts its header: a truncated chunk would otherwise decode into memory past the data.
+    Returns the bytes, or ``out`` (a writable array of ``nbytes`` bytes) decoded in place. Blosc trusts its
+    header: a truncated chunk would otherwise decode into memory past the data.
     """
     if len(data) < 16:
         raise CorruptLedgerError(f"chunk {path} cannot be decoded (it holds only {len(data)} bytes); {DAMAGED}")
@@ -448,6 +449,9 @@ def decode_blosc(data: bytes, nbytes: int, path: Any) -> bytes:
             f"from the {len(data)} in the file); {DAMAGED}"
         )
     try:
+        if out is not None:
+            numcodecs.blosc.decompress(data, out)
+            return out
         return bytes(numcodecs.blosc.decompress(data))
     except (RuntimeError, ValueError) as err:
         raise CorruptLedgerError(f"chunk {path} cannot be decoded ({err}); {DAMAGED}") from err

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numcodecs.blosc
 import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from ._commit import decode_blosc
 from ._progress import report
-from .errors import CorruptLedgerError
 
 #: Bytes of slabs in memory at once (the slab the caller holds and the one being read ahead), float32.
 SCAN_BUDGET_BYTES = 64 << 20
@@ -107,16 +106,7 @@ class ChunkSource:
             return out
         whole = w == self.per_chunk and self.dtype == np.float32 and out.flags.c_contiguous
         target = out if whole else np.empty((self.per_chunk, *self.element), self.dtype)
-        try:
-            # Blosc's header: uncompressed size at bytes 4-8, compressed size at 12-16 (little-endian).
-            nbytes, cbytes = int.from_bytes(data[4:8], "little"), int.from_bytes(data[12:16], "little")
-            if len(data) < 16 or nbytes != self._nbytes or cbytes != len(data):
-                raise ValueError(f"its blosc header says {nbytes} bytes from {cbytes}, not {self._nbytes} from {len(data)}")
-            numcodecs.blosc.decompress(data, target)
-        except (RuntimeError, ValueError) as err:
-            raise CorruptLedgerError(
-                f"chunk {path} cannot be decoded ({err}); the ledger is damaged: restore it from a copy"
-            ) from err
+        decode_blosc(data, self._nbytes, path, out=target)
         if not whole:
             out[...] = target[:w]
         return out
