@@ -34,7 +34,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from ._store import StoreIO
+from ._store import PIPELINES, StoreIO, crc32c_bytes
 from .errors import (
     CorruptLedgerError,
     InvalidNameError,
@@ -367,24 +367,32 @@ def read_column(
                 raise CorruptLedgerError(f"chunk {io.root / chunk_key} is missing; {DAMAGED}")
             out[lo:hi] = meta["fill_value"]
             continue
-        decoded = decode_blosc(data.to_bytes(), chunk * out.itemsize, io.root / chunk_key)
+        decoded = decode_chunk(data.to_bytes(), chunk * out.itemsize, io.root / chunk_key, checksum=bool(has_checksum(meta)))
         out[lo:hi] = np.frombuffer(decoded, dtype=np.dtype(dtype).newbyteorder("<"))[: hi - lo]
     return out
 
 
 def _chunk_key(meta: dict[str, Any], key: str, index: int) -> str | None:
-    """The key of chunk ``index`` of a 1-D array if its chunks are little-endian ``bytes`` + ``blosc`` under
-    the default key encoding (what lossledger writes), else None."""
+    """The key of chunk ``index`` of a 1-D array if lossledger decodes its chunks itself (:func:`has_checksum`
+    is not None), else None."""
+    return None if has_checksum(meta) is None else f"{key}/c/{index}"
+
+
+def has_checksum(meta: dict[str, Any]) -> bool | None:
+    """Whether each chunk of the array with metadata ``meta`` ends with a crc32c checksum (format v2), or None
+    when its chunks are not in a layout lossledger decodes itself: little-endian ``bytes`` + ``blosc``
+    (+ ``crc32c``) under the default chunk key encoding with separator "/"."""
     codecs = meta["codecs"]
     encoding = meta.get("chunk_key_encoding", {})
+    names = [c["name"] for c in codecs]
     if (
-        [c["name"] for c in codecs] != ["bytes", "blosc"]
+        names not in PIPELINES
         or codecs[0].get("configuration", {}).get("endian", "little") != "little"
         or encoding.get("name") != "default"
         or encoding.get("configuration", {}).get("separator", "/") != "/"
     ):
         return None
-    return f"{key}/c/{index}"
+    return names[-1] == "crc32c"
 
 
 def read_stream_chunks(
@@ -402,10 +410,10 @@ def read_stream_chunks(
     dtype = np.dtype(meta["data_type"]).newbyteorder("<")
     nbytes = per_chunk * math.prod(element) * dtype.itemsize
     suffix = "/0" * len(element)
-    direct = _chunk_key(meta, key, 0) is not None
+    checksum = has_checksum(meta)
     todo = iter(chunks)
     while batch := list(itertools.islice(todo, READ_BATCH)):
-        if not direct:  # not the layout lossledger writes: let Zarr read it
+        if checksum is None:  # not the layout lossledger writes: let Zarr read it
             for tick, col in batch:
                 values = _zarr_read(io, key, (tick, slice(col * per_chunk, (col + 1) * per_chunk)))
                 yield (tick, col), values
@@ -416,7 +424,7 @@ def read_stream_chunks(
             if data is None:
                 yield (tick, col), None
                 continue
-            decoded = decode_blosc(data.to_bytes(), nbytes, io.root / chunk_key)
+            decoded = decode_chunk(data.to_bytes(), nbytes, io.root / chunk_key, checksum=checksum)
             width = min(per_chunk, shape[1] - col * per_chunk)
             yield (tick, col), np.frombuffer(decoded, dtype).reshape(per_chunk, *element)[:width]
 
@@ -434,12 +442,21 @@ def _zarr_read(io: StoreIO, key: str, selection: Any) -> np.ndarray:
         ) from err
 
 
-def decode_blosc(data: bytes, nbytes: int, path: Any, out: np.ndarray | None = None) -> Any:
-    """Decode one blosc chunk of ``nbytes`` bytes, after checking its header against the file's length.
+def decode_chunk(data: bytes, nbytes: int, path: Any, out: np.ndarray | None = None, *, checksum: bool) -> Any:
+    """Decode one stored chunk of ``nbytes`` bytes: check its crc32c (when the array has ``checksum``), then its
+    blosc header against the file's length, then decompress.
 
     Returns the bytes, or ``out`` (a writable array of ``nbytes`` bytes) decoded in place. Blosc trusts its
-    header: a truncated chunk would otherwise decode into memory past the data.
+    header: a truncated chunk would otherwise decode into memory past the data; the checksum catches changed
+    bytes anywhere (a flipped bit in stored values decodes to other numbers without it).
     """
+    if checksum:
+        body = memoryview(data)[:-4]
+        if len(data) < 4 or crc32c_bytes(body) != bytes(data[-4:]):
+            raise CorruptLedgerError(
+                f"chunk {path} fails its crc32c checksum: its bytes changed after they were written; {DAMAGED}"
+            )
+        data = body  # type: ignore[assignment]
     if len(data) < 16:
         raise CorruptLedgerError(f"chunk {path} cannot be decoded (it holds only {len(data)} bytes); {DAMAGED}")
     size, compressed = int.from_bytes(data[4:8], "little"), int.from_bytes(data[12:16], "little")

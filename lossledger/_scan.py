@@ -26,7 +26,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from ._commit import decode_blosc
+from ._commit import decode_chunk, has_checksum
 from ._progress import report
 
 #: Bytes of slabs in memory at once (the slab the caller holds and the one being read ahead), float32.
@@ -73,6 +73,7 @@ class ChunkSource:
         self.dtype = np.dtype(array.dtype)
         self.n_cols = -(-self.n // self.per_chunk)
         self._folder = _chunk_folder(array)
+        self._checksum = bool(has_checksum(dict(array.metadata.to_dict())))
         self._suffix = "/0" * len(self.element)
         self._nbytes = self.per_chunk * int(np.prod(self.element, dtype=np.int64)) * self.dtype.itemsize
 
@@ -106,7 +107,7 @@ class ChunkSource:
             return out
         whole = w == self.per_chunk and self.dtype == np.float32 and out.flags.c_contiguous
         target = out if whole else np.empty((self.per_chunk, *self.element), self.dtype)
-        decode_blosc(data, self._nbytes, path, out=target)
+        decode_chunk(data, self._nbytes, path, out=target, checksum=self._checksum)
         if not whole:
             out[...] = target[:w]
         return out
@@ -118,18 +119,12 @@ def _chunk_folder(array: zarr.Array) -> Path | None:
     if not isinstance(store, LocalStore):
         return None
     meta: dict[str, Any] = dict(array.metadata.to_dict())  # the array's zarr.json document
-    codecs = list(meta.get("codecs", ()))
-    names = [c.get("name") for c in codecs]
-    encoding = meta.get("chunk_key_encoding", {})
-    little = np.little_endian and codecs and codecs[0].get("configuration", {}).get("endian", "little") == "little"
     fill = meta.get("fill_value")
     if (
-        names != ["bytes", "blosc"]
-        or not little
+        has_checksum(meta) is None
+        or not np.little_endian
         or meta.get("data_type") not in ("float32", "float16")
         or not (isinstance(fill, str) and fill == "NaN" or isinstance(fill, float) and np.isnan(fill))
-        or encoding.get("name") != "default"
-        or encoding.get("configuration", {}).get("separator", "/") != "/"
     ):
         return None
     return Path(store.root) / array.path / "c"

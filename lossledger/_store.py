@@ -5,7 +5,8 @@ Zarr's LocalStore does it), and its chunks are encoded here rather than through 
 a tick is always whole chunks, so there is nothing to read back, and skipping Zarr's per-call machinery makes
 a commit about 2x faster. Chunks are encoded and written by a small thread pool (blosc and file writes
 release the GIL), so encoding one chunk overlaps writing another. The bytes are exactly what Zarr's own
-pipeline (``bytes`` little-endian, then ``blosc``) writes, so any Zarr v3 reader reads them.
+pipeline (``bytes`` little-endian, then ``blosc``, then ``crc32c`` in format v2) writes, so any Zarr v3 reader
+reads them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import google_crc32c  # Zarr's own dependency, for its crc32c codec
 import numcodecs
 import numpy as np
 import zarr
@@ -59,11 +61,16 @@ def _write_pool() -> ThreadPoolExecutor:
 
 
 class StoreIO:
-    """Synchronous helpers over one local Zarr store rooted at ``root``."""
+    """Synchronous helpers over one local Zarr store rooted at ``root``.
 
-    def __init__(self, root: Path, *, read_only: bool) -> None:
+    ``checksums``: arrays created here end their codec pipeline with ``crc32c`` (format v2); False for a
+    format v1 ledger, whose arrays have none.
+    """
+
+    def __init__(self, root: Path, *, read_only: bool, checksums: bool = True) -> None:
         self.root = root
         self.read_only = read_only
+        self.checksums = checksums
         self.store = LocalStore(root, read_only=read_only)
         self._folders: set[Path] = set()  # folders known to exist (forgotten whenever anything is deleted)
 
@@ -188,7 +195,7 @@ class StoreIO:
             chunks=chunks,
             dtype=dtype,
             fill_value=fill_value,
-            compressors=compressor,
+            compressors=(compressor, zarr.codecs.Crc32cCodec()) if self.checksums else compressor,
             chunk_key_encoding={"name": "default", "separator": "/"},
             attributes=dict(attributes or {}),
             overwrite=True,
@@ -226,6 +233,15 @@ def json_bytes(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
+#: The codec pipelines lossledger writes: format v1, and format v2 whose chunks end with a crc32c checksum.
+PIPELINES: tuple[list[str], ...] = (["bytes", "blosc"], ["bytes", "blosc", "crc32c"])
+
+
+def crc32c_bytes(data: Any) -> bytes:
+    """The 4 bytes Zarr's ``crc32c`` codec appends to a chunk: CRC-32C of ``data``, little-endian."""
+    return google_crc32c.value(np.frombuffer(data, np.uint8)).to_bytes(4, "little")
+
+
 class ChunkEncoder:
     """Encodes whole chunks of one array exactly as its Zarr codec pipeline would."""
 
@@ -234,8 +250,12 @@ class ChunkEncoder:
         self.chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.fill_value = meta["fill_value"]
         codecs = meta["codecs"]
-        if [c["name"] for c in codecs] != ["bytes", "blosc"]:
-            raise CorruptLedgerError(f"unsupported codec pipeline {codecs!r}; this writer needs bytes + blosc")
+        names = [c["name"] for c in codecs]
+        if names not in PIPELINES:
+            raise CorruptLedgerError(
+                f"unsupported codec pipeline {codecs!r}; this writer needs bytes + blosc (+ crc32c)"
+            )
+        self._checksum = names[-1] == "crc32c"
         cfg = codecs[1]["configuration"]
         shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[cfg["shuffle"]]
         self._blosc = numcodecs.Blosc(
@@ -249,7 +269,8 @@ class ChunkEncoder:
             padded = np.full(self.chunk_shape, _fill(self.fill_value), dtype=self.dtype)
             padded[tuple(slice(0, s) for s in block.shape)] = block
             block = padded
-        return bytes(self._blosc.encode(np.ascontiguousarray(block, dtype=self.dtype)))
+        data = self._blosc.encode(np.ascontiguousarray(block, dtype=self.dtype))
+        return bytes(data) + crc32c_bytes(data) if self._checksum else bytes(data)
 
 
 def _fill(value: Any) -> float:

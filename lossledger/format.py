@@ -1,8 +1,8 @@
-"""Format v1: names, layout keys, chunking and codecs of a ledger (the spec is ``docs/format.md``).
+"""Format v2: names, layout keys, chunking and codecs of a ledger (the spec is ``docs/format.md``).
 
 A ledger is a Zarr v3 group::
 
-    zarr.json                      attrs {"format": "lossledger", "version": 1, "created": ISO-8601}
+    zarr.json                      attrs {"format": "lossledger", "version": 2, "created": ISO-8601}
     samples/sample_id              (N,) int64, the user's ids, unique
     samples/label                  (N,) int32, optional; attrs {"classes": [...]}
     samples/split                  (N,) int8 codes, optional; attrs {"splits": [...]}
@@ -22,7 +22,10 @@ import numpy as np
 from .errors import InvalidNameError
 
 FORMAT_NAME = "lossledger"
-FORMAT_VERSION = 1
+#: The version this library writes; it reads every version up to it.
+FORMAT_VERSION = 2
+#: The first version whose arrays end their codec pipeline with ``crc32c`` (v1: ``bytes`` + ``blosc`` only).
+CHECKSUMS_SINCE = 2
 
 OnDuplicate = Literal["error", "first", "last", "mean"]
 ON_DUPLICATE: tuple[str, ...] = ("error", "first", "last", "mean")

@@ -43,6 +43,7 @@ from .errors import (
 )
 from .export import export as export_scores
 from .format import (
+    CHECKSUMS_SINCE,
     FORMAT_NAME,
     FORMAT_VERSION,
     ON_DUPLICATE,
@@ -133,7 +134,7 @@ def _is_ledger(path: Path) -> bool:
     return isinstance(doc, dict) and doc.get("attributes", {}).get("format") == FORMAT_NAME
 
 
-def open(path: str | os.PathLike[str], mode: Mode = "r") -> Ledger:  # noqa: A001 - mirrors zarr.open
+def open(path: str | os.PathLike[str], mode: Mode = "r") -> Ledger:
     """Open the ledger at ``path``: mode ``"r"`` (default) to read, ``"a"`` to also write runs."""
     return Ledger(Path(path), mode=mode)
 
@@ -168,6 +169,7 @@ class Ledger:
                 "lossledger reads; upgrade lossledger (pip install -U lossledger)"
             )
         self._root_attrs = root
+        self._io.checksums = version >= CHECKSUMS_SINCE  # new runs of a v1 ledger stay v1, readable by v1 readers
         if not self._io.exists("runs/zarr.json"):
             raise CorruptLedgerError(f"{path / 'runs' / 'zarr.json'} is missing: the runs group is gone; {DAMAGED}")
         self._samples: Samples = read_samples(self._io)

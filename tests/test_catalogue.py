@@ -128,7 +128,7 @@ def template(tmp_path_factory) -> Path:
             pass
     ll.create(folder / "future.ll", n_samples=2).close()
     meta = json.loads((folder / "future.ll" / "zarr.json").read_text())
-    meta["attributes"]["version"] = 2
+    meta["attributes"]["version"] = ll.format.FORMAT_VERSION + 1
     (folder / "future.ll" / "zarr.json").write_text(json.dumps(meta))
     ll.create(folder / "damaged.ll", sample_ids=[5, 6, 7]).close()
     chunk = folder / "damaged.ll" / "samples" / "sample_id" / "c" / "0"

@@ -158,7 +158,7 @@ def test_open_something_that_is_not_a_ledger(tmp_path):
 def test_open_future_version(ledger):
     meta_path = ledger.path / "zarr.json"
     meta = json.loads(meta_path.read_text())
-    meta["attributes"]["version"] = 2
+    meta["attributes"]["version"] = ll.format.FORMAT_VERSION + 1
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(E.FormatVersionError, match="upgrade lossledger") as info:
         ll.open(ledger.path)

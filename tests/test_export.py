@@ -48,7 +48,7 @@ def test_export_matches_scores_and_samples(two_runs, tmp_path):
         observed = want["n_obs"].to_numpy() > 0
         assert [v is None for v in part["action"].to_pylist()] == list(~observed)
     meta = json.loads(pq.read_schema(out).metadata[b"lossledger"])
-    assert meta["dt"] == "epoch" and meta["format_version"] == 1
+    assert meta["dt"] == "epoch" and meta["format_version"] == ll.format.FORMAT_VERSION
     assert meta["runs"]["a"]["attrs"] == {"model": "mlp", "seed": 0} and meta["runs"]["a"]["ticks"] == 3
     assert set(meta["runs"]) == {"a", "b"}
 

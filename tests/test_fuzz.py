@@ -9,7 +9,7 @@ match the record) and by hypothesis (any file truncated, replaced by garbage, or
 
 A deleted stream chunk is not damage the reader can see: Zarr does not store a chunk nobody logged to, so
 the chunk's samples read as NaN ("not logged") at that tick; scores then skip them (checked against numpy).
-A flipped bit inside a chunk's compressed bytes is not detected: format v1 stores no checksums (strict xfail).
+A flipped bit anywhere in a chunk (format v2 ends each chunk with a crc32c) raises, naming the chunk.
 """
 
 from __future__ import annotations
@@ -391,16 +391,18 @@ def test_killed_runs_metadata_hides_the_run_and_the_writer_refuses_to_wipe_it(ba
     led.close()
 
 
-@pytest.mark.xfail(strict=True, reason="format v1 stores no chunk checksums (blosc has none): a bit flipped inside "
-                   "a chunk's compressed bytes decodes to other values; needs e.g. Zarr's crc32c codec in the "
-                   "format (lossledger/_store.py, docs/format.md)")
-def test_bit_flip_inside_a_chunk_is_detected(base, pristine, tmp_path):
+@pytest.mark.parametrize(("chunk", "must_raise"), [
+    (LOSS_CHUNK, READ_LOSS), (PIX_CHUNK, READ_PIX), (TICKS_CHUNK, READ_TICKS), ("samples/sample_id/c/0", ALL),
+], ids=["loss", "pixel", "ticks", "samples"])
+@pytest.mark.parametrize("where", [0, 20, -5, -1], ids=["header", "body", "last-value", "checksum"])
+def test_bit_flip_inside_a_chunk_is_detected(base, pristine, tmp_path, chunk, must_raise, where):
     path = tmp_path / "d.ll"
     shutil.copytree(base, path)
-    data = bytearray((path / LOSS_CHUNK).read_bytes())
-    data[-3] ^= 0x10  # a bit of a stored float32 (the chunk is stored uncompressed: blosc's memcpy)
-    (path / LOSS_CHUNK).write_bytes(bytes(data))
-    check(path, pristine, READ_LOSS, LOSS_CHUNK)
+    data = bytearray((path / chunk).read_bytes())
+    data[where] ^= 0x10  # e.g. a bit of a stored float32 (small chunks are stored uncompressed: blosc's memcpy)
+    (path / chunk).write_bytes(bytes(data))
+    got = check(path, pristine, must_raise & set(QUICK), chunk, readers=QUICK)
+    assert any("fails its crc32c checksum" in str(result) for result in got.values())
 
 
 def test_analyses_on_a_stream_array_of_the_wrong_shape(base, tmp_path):
@@ -426,17 +428,22 @@ def _is_stream_chunk(rel: str) -> bool:
     return "/streams/" in rel and "/c/" in rel
 
 
-@settings(max_examples=30, deadline=None, derandomize=True,
+@settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_damage_raises_naming_the_file_or_reads_right(base, pristine, tmp_path_factory, data):
     files = [f for f in _files(base) if f != RUN_META]  # a deleted RUN_META hides the run (test above)
     rel = data.draw(st.sampled_from(files), label="file")
     size = (base / rel).stat().st_size
-    kind = data.draw(st.sampled_from(["truncate", "garbage", "delete"]), label="damage")
+    kinds = ["truncate", "garbage", "delete"] + (["bit flip"] if "/c/" in rel else [])  # JSON has no checksum
+    kind = data.draw(st.sampled_from(kinds), label="damage")
     path = tmp_path_factory.mktemp("random") / "d.ll"
     shutil.copytree(base, path)
-    if kind == "truncate":
+    if kind == "bit flip":
+        damaged = bytearray((base / rel).read_bytes())
+        damaged[data.draw(st.integers(0, size - 1), label="byte")] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+        (path / rel).write_bytes(bytes(damaged))
+    elif kind == "truncate":
         (path / rel).write_bytes((base / rel).read_bytes()[: data.draw(st.integers(0, max(0, size - 1)))])
     elif kind == "garbage":
         (path / rel).write_bytes(data.draw(st.binary(min_size=0, max_size=2 * size + 16), label="bytes"))
