@@ -26,6 +26,7 @@ from ._commit import (
     read_ticks,
     stream_meta,
 )
+from ._dask_engine import Engine, check_engine, dask_scores
 from ._runs import open_writer
 from ._samples import SampleIndex, Samples, build_samples, read_samples, write_samples
 from ._scoring import compute_scores
@@ -313,7 +314,16 @@ class Ledger:
             return picked  # all samples in row order at increasing ticks: no reordering
         return picked[row_inverse][:, tick_inverse]
 
-    def scores(self, run: str, stream: str = "loss", *, dt: Dt = "epoch", ticks: Any = None) -> pa.Table:
+    def scores(
+        self,
+        run: str,
+        stream: str = "loss",
+        *,
+        dt: Dt = "epoch",
+        ticks: Any = None,
+        engine: Engine = "local",
+        client: Any = None,
+    ) -> pa.Table:
         """Per-sample scores of ``stream`` in ``run`` over committed ticks, one row per sample (row order).
 
         Columns: ``sample_id``, ``label`` (if the ledger has labels), ``action`` (Σ L·Δt), ``variance``,
@@ -322,8 +332,18 @@ class Ledger:
         ``ticks``: a window (slice or indices) instead of every committed tick. Definitions:
         :mod:`lossledger.scores`. Memory: two 32 MB slabs (one scored, the next being read) plus the result;
         results over all ticks are cached in the ledger as parquet and recomputed when the run has new commits.
+
+        ``engine="dask"`` computes the same table, bit for bit, on a Dask cluster: one task per sample block,
+        each worker reading that block's chunks from the ledger's path itself (which the workers must see).
+        ``client``: the ``distributed.Client`` to use; default the current one, else Dask's default scheduler.
+        Needs ``pip install "lossledger[dask]"``; shares the cache. See docs/scale-out.md.
+
+        >>> ledger.scores("r", engine="dask", client=distributed.Client(cluster))  # doctest: +SKIP
         """
+        check_engine(engine, client)
         stream_meta(self._io, run, stream, read_run_attrs(self._io, run)["commit"], self.n_samples)
+        if engine == "dask":
+            return dask_scores(self._io, self._samples, run, stream, dt, ticks, client=client)
         return compute_scores(self._io, self._samples, run, stream, dt, ticks)
 
     def top(
