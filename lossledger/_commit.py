@@ -23,7 +23,6 @@ import asyncio
 import datetime as _dt
 import itertools
 import math
-import os
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeGuard
@@ -179,7 +178,7 @@ def recover(io: StoreIO, run: str, commit: dict[str, Any], n_samples: int) -> in
     # Zarr creates missing parent groups through temp files too: a kill then can leave them one level up. A live
     # writer of another run makes such temp files too (and fails if one vanishes before it renames it), so they
     # are removed only while no other writer is alive; else they stay (harmless) until a later resume.
-    if not _other_writers(io, run):
+    if not io.other_writers(run):
         removed += io.remove_partial_files("", recursive=False) + io.remove_partial_files("runs", recursive=False)
     streams_dir = f"{run_key(run)}/streams"
     for name in io.list_dir(streams_dir):
@@ -205,30 +204,6 @@ def recover(io: StoreIO, run: str, commit: dict[str, Any], n_samples: int) -> in
             stacklevel=3,
         )
     return removed
-
-
-def _other_writers(io: StoreIO, run: str) -> list[str]:
-    """Runs other than ``run`` whose writer may be alive: their lock file names a live process (a writer writes
-    its pid there right after taking the lock, before it writes anything else)."""
-    alive = []
-    for name in io.list_dir("runs"):
-        try:
-            pid = int((io.root / run_key(name) / "writer.lock").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-        if name != run and pid > 0 and _alive(pid):
-            alive.append(name)
-    return alive
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a process of another user
-        return True
-    return True
 
 
 # --- checked reads of array metadata and chunks -----------------------------------------------------------

@@ -32,6 +32,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from .errors import CorruptLedgerError, ReadOnlyError, RunLockedError
+from .format import run_key
 
 _PROTO = default_buffer_prototype()
 
@@ -52,7 +53,7 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
 Payload = bytes | Callable[[], bytes]
 
 
-def _write_pool() -> ThreadPoolExecutor:
+def write_pool() -> ThreadPoolExecutor:
     """The writer threads of this process (a forked child makes its own: the parent's threads are not in it)."""
     global _pool
     if _pool is None or _pool[0] != os.getpid():
@@ -66,6 +67,8 @@ class StoreIO:
     ``checksums``: arrays created here end their codec pipeline with ``crc32c`` (format v2); False for a
     format v1 ledger, whose arrays have none.
     """
+
+    local = True
 
     def __init__(self, root: Path, *, read_only: bool, checksums: bool = True) -> None:
         self.root = root
@@ -119,7 +122,7 @@ class StoreIO:
                     return
                 self._put(key, data)
 
-        helpers = [_write_pool().submit(work) for _ in range(min(WRITE_THREADS, len(todo)) - 1)]
+        helpers = [write_pool().submit(work) for _ in range(min(WRITE_THREADS, len(todo)) - 1)]
         try:
             work()
         finally:
@@ -174,6 +177,24 @@ class StoreIO:
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+    # --- the run writer's lock --------------------------------------------------------------------------
+    def lock_run(self, run: str) -> RunLock:
+        """Take the exclusive lock of ``run``'s writer (:class:`RunLockedError` if another writer holds it)."""
+        return RunLock(self.root / run_key(run) / "writer.lock", run)
+
+    def other_writers(self, run: str) -> list[str]:
+        """Runs other than ``run`` whose writer may be alive: their lock file names a live process (a writer
+        writes its pid there right after taking the lock, before it writes anything else)."""
+        alive = []
+        for name in self.list_dir("runs"):
+            try:
+                pid = int((self.root / run_key(name) / "writer.lock").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            if name != run and pid > 0 and _alive(pid):
+                alive.append(name)
+        return alive
 
     # --- arrays ---------------------------------------------------------------------------------------
     def create_array(
@@ -271,6 +292,16 @@ class ChunkEncoder:
             block = padded
         data = self._blosc.encode(np.ascontiguousarray(block, dtype=self.dtype))
         return bytes(data) + crc32c_bytes(data) if self._checksum else bytes(data)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
 
 
 def _fill(value: Any) -> float:

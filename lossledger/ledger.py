@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,14 +26,16 @@ from ._commit import (
     stream_meta,
 )
 from ._dask_engine import Engine, check_engine, dask_scores
+from ._remote import URL, check_no_options, is_url, store_io
 from ._runs import open_writer
 from ._samples import SampleIndex, Samples, build_samples, read_samples, write_samples
 from ._scoring import compute_scores
-from ._store import RunLock, StoreIO, json_bytes
+from ._store import StoreIO, json_bytes
 from .errors import (
     CorruptLedgerError,
     FormatVersionError,
     InvalidDTypeError,
+    LedgerError,
     LedgerExistsError,
     LedgerNotFoundError,
     NotALedgerError,
@@ -52,7 +53,6 @@ from .format import (
     OnDuplicate,
     check_run_name,
     check_stream_name,
-    run_key,
     stream_key,
 )
 from .pixels import PixelMaps
@@ -74,25 +74,29 @@ def create(
     classes: Sequence[str] | None = None,
     splits: Any = None,
     overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Ledger:
     """Create a ledger at ``path`` and return it open for writing (mode ``"a"``).
 
     Give either ``sample_ids`` ((N,) unique integer ids, e.g. dataset indices) or ``n_samples`` (ids
     ``0..N-1``); optionally ``labels`` ((N,) int class indices), ``classes`` (their names) and ``splits``
-    ((N,) strings such as "train"/"val"). The ledger appears atomically: it is built beside ``path`` and
-    renamed into place. ``overwrite=True`` replaces an existing ledger, never other files.
+    ((N,) strings such as "train"/"val"). ``overwrite=True`` replaces an existing ledger, never other files.
+    ``path`` is a local folder, or an object-store URL such as ``"s3://bucket/runs/digits.ll"`` with fsspec
+    ``storage_options`` (``docs/object-storage.md``). A local ledger appears atomically: it is built beside
+    ``path`` and renamed into place; on an object store its root ``zarr.json`` is written last, and until
+    then ``open`` finds no ledger there.
 
     >>> ledger = create(tmp / "demo.ll", n_samples=4, labels=[0, 1, 1, 0], classes=["cat", "dog"])
     """
-    target = Path(path)
     samples = build_samples(sample_ids=sample_ids, n_samples=n_samples, labels=labels, classes=classes, splits=splits)
+    if is_url(path):
+        return _create_remote(URL(str(path)), samples, overwrite, storage_options)
+    check_no_options(path, storage_options)
+    target = Path(path)
     existing = _existing(target, overwrite)
     staging = target.with_name(f".{target.name}.creating-{uuid.uuid4().hex[:8]}")
     try:
-        io = StoreIO(staging, read_only=False)
-        write_samples(io, samples)
-        io.create_group("runs")
-        io.create_group("", {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": now_iso()})
+        _write_new_ledger(StoreIO(staging, read_only=False), samples)
         if existing:
             trash = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
             target.rename(trash)
@@ -106,6 +110,32 @@ def create(
     return Ledger(target, mode="a")
 
 
+def _write_new_ledger(io: StoreIO, samples: Samples) -> None:
+    """Write a new ledger's nodes; the root group's metadata, which makes it a ledger, goes last."""
+    write_samples(io, samples)
+    io.create_group("runs")
+    io.create_group("", {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": now_iso()})
+
+
+def _create_remote(url: URL, samples: Samples, overwrite: bool, storage_options: Mapping[str, Any] | None) -> Ledger:
+    io = store_io(url, read_only=False, storage_options=storage_options)
+    if io.list_dir(""):
+        if _ledger_format(io) != FORMAT_NAME:
+            raise LedgerExistsError(
+                f"{url} already holds objects and is not a ledger; lossledger never deletes other files: choose "
+                "another URL"
+            )
+        if not overwrite:
+            raise LedgerExistsError(
+                f"a ledger already exists at {url}; open it with lossledger.open({str(url)!r}, mode='a'), or pass "
+                "overwrite=True to replace it"
+            )
+        io.delete_many(["zarr.json"])  # first: a ledger half deleted is then no ledger, never a damaged one
+        io.delete_dir("")
+    _write_new_ledger(io, samples)
+    return Ledger(url, mode="a", storage_options=storage_options)
+
+
 def _existing(target: Path, overwrite: bool) -> bool:
     """Whether a ledger is at ``target`` that may be replaced; raise if the path cannot be created."""
     if not target.exists():
@@ -115,7 +145,7 @@ def _existing(target: Path, overwrite: bool) -> bool:
     if target.is_dir() and not any(target.iterdir()):
         target.rmdir()
         return False
-    if not _is_ledger(target):
+    if not target.is_dir() or _ledger_format(StoreIO(target, read_only=True)) != FORMAT_NAME:
         raise LedgerExistsError(
             f"{target} already exists and is not a ledger; lossledger never deletes other files: choose another path"
         )
@@ -127,35 +157,46 @@ def _existing(target: Path, overwrite: bool) -> bool:
     return True
 
 
-def _is_ledger(path: Path) -> bool:
+def _ledger_format(io: StoreIO) -> Any:
+    """The ``format`` attribute of the root group at ``io`` (None when there is none or it is unreadable)."""
     try:
-        doc = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(doc, dict) and doc.get("attributes", {}).get("format") == FORMAT_NAME
+        return (io.group_attrs("") or {}).get("format")
+    except LedgerError:
+        return None
 
 
-def open(path: str | os.PathLike[str], mode: Mode = "r") -> Ledger:
-    """Open the ledger at ``path``: mode ``"r"`` (default) to read, ``"a"`` to also write runs."""
-    return Ledger(Path(path), mode=mode)
+def open(
+    path: str | os.PathLike[str], mode: Mode = "r", *, storage_options: Mapping[str, Any] | None = None
+) -> Ledger:
+    """Open the ledger at ``path`` (a folder, or a URL with fsspec ``storage_options``): mode ``"r"`` (default)
+    to read, ``"a"`` to also write runs."""
+    return Ledger(path, mode=mode, storage_options=storage_options)
 
 
 class Ledger:
-    """A ledger on disk: samples, runs, and their committed ticks. Use :func:`create` or :func:`open`.
+    """A ledger on disk or on an object store: samples, runs, and their committed ticks. Use :func:`create`
+    or :func:`open`.
 
     Readers see only committed ticks, re-read at every call, so a reader open during training sees new
-    ticks as they are committed.
+    ticks as they are committed. ``path`` is a :class:`~pathlib.Path`, or the URL (a ``str``) of a ledger on an
+    object store, whose ``storage_options`` are kept in ``storage_options``.
     """
 
-    def __init__(self, path: Path, *, mode: Mode = "r") -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, mode: Mode = "r", storage_options: Mapping[str, Any] | None = None
+    ) -> None:
         if mode not in ("r", "a"):
             raise ShapeMismatchError(f"mode must be 'r' (read) or 'a' (read and write runs), got {mode!r}")
-        if not path.exists():
+        self._io = store_io(path, read_only=mode == "r", storage_options=storage_options)
+        path = self._io.root
+        if self._io.local and not Path(path).exists():
             raise LedgerNotFoundError(f"no ledger at {path}; create one with lossledger.create({str(path)!r}, ...)")
-        self.path = path
+        self.path: Path | URL = path
         self.mode: Mode = mode
-        self._io = StoreIO(path, read_only=mode == "r")
+        self.storage_options: dict[str, Any] = dict(storage_options or {})
         root = self._io.group_attrs("")
+        if root is None and not self._io.local and not self._io.list_dir(""):
+            raise LedgerNotFoundError(f"no ledger at {path}; create one with lossledger.create({str(path)!r}, ...)")
         if root is None or root.get("format") != FORMAT_NAME:
             raise NotALedgerError(
                 f"{path} is not a lossledger ledger ({path / 'zarr.json'} is missing or has no format "
@@ -244,7 +285,7 @@ class Ledger:
                     f"stream_dtypes[{stream!r}] = {dtype!r} is not supported; use one of {list(STREAM_DTYPES)}"
                 )
         attrs = _json_attrs(attrs)
-        lock = RunLock(self.path / run_key(name) / "writer.lock", name)
+        lock = self._io.lock_run(name)
         try:
             writer = open_writer(
                 self._io, self._index, name, lock, attrs,
@@ -362,9 +403,11 @@ class Ledger:
 
         ``run`` may be omitted when the ledger has one run. Returns ``rank``, ``sample_id``, ``label``,
         ``class`` (when known) and the score columns of :meth:`scores`; never-observed samples are not ranked.
+        Memory: one pass over the cached scores, batch by batch (~20 MB), keeping ``k`` rows (per class);
+        see :func:`lossledger.rankings.top_k`.
         """
-        table = self.scores(self._only_run(run), stream, dt=dt, ticks=ticks)
-        return top_k(table, self.samples, k, by=by, hardest=hardest, per_class=per_class)
+        return top_k(self, k, self._only_run(run), stream, by=by, dt=dt, hardest=hardest, per_class=per_class,
+                     ticks=ticks)
 
     def pixel_action(
         self, run: str, stream: str = "pixel", *, ids: Any = None, dt: Dt = "epoch", ticks: Any = None

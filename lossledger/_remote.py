@@ -1,0 +1,221 @@
+"""Ledgers on object storage (``s3://bucket/prefix``) through fsspec: the store, and the run writer's lease.
+
+The commit protocol needs four things of the store (``docs/object-storage.md``): an object is replaced
+atomically (a reader gets the old or the new bytes, never a mix); a PUT that returned is seen by every later
+GET and LIST (strong read-after-write consistency, as AWS S3 gives since December 2020); a conditional PUT
+(``If-None-Match: *`` and ``If-Match: <etag>``) for the writer's lock; and nothing else. There is no
+rename and no ``fsync``: the writer waits for every chunk PUT of a tick to return before it PUTs the commit
+record, so a reader that reads the record first never finds a committed chunk missing.
+
+Writing needs the lock, so it is implemented for ``s3://`` (s3fs; AWS S3, MinIO, Ceph RGW and other stores
+with conditional writes); reading works over any fsspec URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from ._store import Payload, StoreIO, json_bytes, write_pool
+from .errors import LedgerNotFoundError, MissingDependencyError, ReadOnlyError, RunLockedError
+from .format import run_key
+
+_PROTO = default_buffer_prototype()
+
+#: Seconds a run's lock stays valid without renewal: a writer renews it every ``LEASE_SECONDS / 4`` (a
+#: background thread) and before every commit; a writer killed without releasing it is taken over this long
+#: after its last renewal, by the store's clock (no clock of ours is trusted).
+LEASE_SECONDS = 60.0
+
+
+def is_url(path: object) -> bool:
+    """True for an fsspec URL other than a local file (``s3://bucket/x.ll``)."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+class URL(str):
+    """An object-store location; ``url / "key"`` joins with "/" like a :class:`~pathlib.Path` (for messages)."""
+
+    def __truediv__(self, other: object) -> URL:
+        return URL(f"{self.rstrip('/')}/{other}")
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+
+def store_io(
+    path: str | os.PathLike[str], *, read_only: bool, storage_options: Mapping[str, Any] | None = None
+) -> StoreIO:
+    """A :class:`StoreIO` for a local folder, or for an fsspec URL (``storage_options`` go to fsspec)."""
+    if is_url(path):
+        return RemoteStoreIO(URL(str(path)), read_only=read_only, storage_options=storage_options)
+    check_no_options(path, storage_options)
+    return StoreIO(Path(path), read_only=read_only)
+
+
+def check_no_options(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> None:
+    """Refuse ``storage_options`` for a local path (they would be silently ignored)."""
+    if storage_options:
+        raise LedgerNotFoundError(
+            f"storage_options apply to URLs such as 's3://bucket/ledger.ll', not to the local path {str(path)!r}; "
+            "drop them, or pass the ledger's URL"
+        )
+
+
+class RemoteStoreIO(StoreIO):
+    """:class:`StoreIO` over Zarr's ``FsspecStore``: each key is one object, replaced by one atomic PUT."""
+
+    local = False
+
+    def __init__(
+        self, url: URL, *, read_only: bool, storage_options: Mapping[str, Any] | None, checksums: bool = True
+    ) -> None:
+        from zarr.storage import FsspecStore
+
+        options = dict(storage_options or {})
+        if url.startswith("s3://"):
+            # s3fs caches listings by default: a reader would not see runs and ticks committed after its first look.
+            options.setdefault("use_listings_cache", False)
+        try:
+            store = FsspecStore.from_url(url, storage_options=options, read_only=read_only)
+        except ImportError as err:
+            raise MissingDependencyError(
+                f"reading {url} needs fsspec's driver for {url.split('://')[0]}:// ({err}); install it, e.g. "
+                "pip install 'lossledger[s3]' for s3://"
+            ) from err
+        self.root = url  # type: ignore[assignment]  # joins with "/" like a Path
+        self.read_only = read_only
+        self.checksums = checksums
+        self.storage_options = dict(storage_options or {})
+        self.store = store  # type: ignore[assignment]
+        self._folders = set()
+        self._leases: dict[str, LeaseLock] = {}
+
+    def put_many(self, items: Mapping[str, Payload]) -> None:
+        """Write every key (payloads made in the writer threads, then PUT concurrently); return when all returned.
+
+        A commit record (``runs/<run>/zarr.json``) is written only while this process holds the run's lease.
+        """
+        if self.read_only:
+            raise ReadOnlyError(f"{self.root} is open read-only")
+        for key in items:
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "runs" and parts[2] == "zarr.json" and parts[1] in self._leases:
+                self._leases[parts[1]].check()
+        made = list(write_pool().map(lambda kv: (kv[0], kv[1] if isinstance(kv[1], bytes) else kv[1]()), items.items()))
+
+        async def put_all() -> None:
+            await asyncio.gather(*(self.store.set(k, _PROTO.buffer.from_bytes(v)) for k, v in made))
+
+        sync(put_all())
+
+    def remove_partial_files(self, prefix: str, *, recursive: bool = True) -> int:
+        return 0  # a PUT is all or nothing: an object store has no temp files to clean
+
+    def lock_run(self, run: str) -> LeaseLock:
+        lock = LeaseLock(self, run)
+        self._leases[run] = lock
+        return lock
+
+    def other_writers(self, run: str) -> list[str]:
+        return []  # only local temp files need another writer's consent to remove (see _commit.recover)
+
+
+class LeaseLock:
+    """The exclusive lock of a run's writer on an object store: the object ``runs/<run>/writer.lock``.
+
+    Taken with a conditional PUT (``If-None-Match: *``); renewed every ``LEASE_SECONDS / 4`` by a thread and
+    before every commit with ``If-Match`` on its own ETag; taken over (``If-Match`` on the old ETag) once the
+    store's clock says it is ``LEASE_SECONDS`` old. A writer whose renewal fails has lost the run: its next
+    commit raises :class:`RunLockedError` instead of writing.
+    """
+
+    def __init__(self, io: RemoteStoreIO, run: str) -> None:
+        fs = getattr(io.store, "fs", None)
+        if not io.root.startswith("s3://") or fs is None or not hasattr(fs, "_call_s3"):
+            raise RunLockedError(
+                f"cannot write run {run!r} to {io.root}: a writer's lock needs conditional writes, implemented for "
+                "s3:// (s3fs) only; write the run to a local folder or an s3:// URL (reading works anywhere)"
+            )
+        self._fs, self._run = fs, run
+        self._bucket, _, prefix = f"{io.store.path}/{run_key(run)}/writer.lock".partition("/")
+        self._key = prefix
+        self._where = io.root / run_key(run) / "writer.lock"
+        self._body = json_bytes({"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex})
+        self._etag = self._acquire()
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._heartbeat, name=f"lossledger-lease-{run}", daemon=True)
+        self._thread.start()
+
+    def _s3(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        return sync(self._fs._call_s3(method, Bucket=self._bucket, Key=self._key, **kwargs))
+
+    def _acquire(self) -> str:
+        try:
+            return self._s3("put_object", Body=self._body, IfNoneMatch="*")["ETag"]
+        except FileExistsError:
+            pass
+        try:
+            head = self._s3("head_object")
+        except FileNotFoundError:  # released meanwhile: try once more
+            return self._s3("put_object", Body=self._body, IfNoneMatch="*")["ETag"]
+        now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
+        age = (now - head["LastModified"]).total_seconds()
+        if age < LEASE_SECONDS:
+            raise RunLockedError(
+                f"run {self._run!r} is being written by another writer (lock {self._where}, renewed {age:.0f} s "
+                f"ago); close that writer first, or log to a run of another name. A writer that was killed "
+                f"loses the lock {LEASE_SECONDS:.0f} s after its last renewal"
+            )
+        try:  # stale: take it over, unless someone else renewed or took it since we looked
+            return self._s3("put_object", Body=self._body, IfMatch=head["ETag"])["ETag"]
+        except OSError as err:
+            raise RunLockedError(
+                f"run {self._run!r}: another writer took the stale lock {self._where} first; close that writer "
+                "first, or log to a run of another name"
+            ) from err
+
+    def _renew(self) -> None:
+        if self._lost is None:
+            try:
+                self._etag = self._s3("put_object", Body=self._body, IfMatch=self._etag)["ETag"]
+            except OSError as err:
+                self._lost = f"{type(err).__name__}: {err}"
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(LEASE_SECONDS / 4):
+            self._renew()
+
+    def check(self) -> None:
+        """Renew the lease now; raise :class:`RunLockedError` if this writer lost it (nothing is written)."""
+        self._renew()
+        if self._lost is not None:
+            raise RunLockedError(
+                f"run {self._run!r}: this writer lost its lock {self._where} ({self._lost}): it was not renewed "
+                f"for {LEASE_SECONDS:.0f} s and another writer took it; the tick was not committed"
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        if self._lost is None:
+            try:
+                self._s3("delete_object", IfMatch=self._etag)
+            except OSError:
+                pass  # lost meanwhile: the lock is another writer's now
+            self._lost = "released"
+
+
