@@ -9,7 +9,7 @@ A ledger is a Zarr v3 group::
     runs/<run>/zarr.json           attrs {"lossledger": {commit record}, "attrs": {user attrs}}
     runs/<run>/ticks/{epoch,step,wall}   (T,) int64, int64, float64
     runs/<run>/streams/<name>      (T, N, *element_shape) float32 or float16, fill NaN
-    runs/<run>/writer.lock         advisory lock file of the run's one writer (not a Zarr node)
+    runs/<run>/writer.lock         lock of the run's one writer (not a Zarr node): flock file, or S3 lease object
 """
 
 from __future__ import annotations
