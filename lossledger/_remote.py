@@ -26,7 +26,7 @@ from typing import Any
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from ._store import Payload, StoreIO, json_bytes, write_pool
+from ._store import Data, Payload, StoreIO, json_bytes, write_pool
 from .errors import LedgerNotFoundError, MissingDependencyError, ReadOnlyError, RunLockedError
 from .format import run_key
 
@@ -113,7 +113,7 @@ class RemoteStoreIO(StoreIO):
             parts = key.split("/")
             if len(parts) == 3 and parts[0] == "runs" and parts[2] == "zarr.json" and parts[1] in self._leases:
                 self._leases[parts[1]].check()
-        made = list(write_pool().map(lambda kv: (kv[0], kv[1] if isinstance(kv[1], bytes) else kv[1]()), items.items()))
+        made = list(write_pool().map(lambda kv: (kv[0], _joined(kv[1]() if callable(kv[1]) else kv[1])), items.items()))
 
         async def put_all() -> None:
             await asyncio.gather(*(self.store.set(k, _PROTO.buffer.from_bytes(v)) for k, v in made))
@@ -130,6 +130,10 @@ class RemoteStoreIO(StoreIO):
 
     def other_writers(self, run: str) -> list[str]:
         return []  # only local temp files need another writer's consent to remove (see _commit.recover)
+
+
+def _joined(data: Data) -> bytes:
+    return b"".join(data) if isinstance(data, tuple) else data
 
 
 class LeaseLock:

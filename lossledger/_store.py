@@ -49,8 +49,10 @@ DEFAULT_COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuf
 WRITE_THREADS = 4
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
 
-#: A value to store: the bytes, or a function that makes them (called in a writer thread).
-Payload = bytes | Callable[[], bytes]
+#: The bytes of one key: one buffer, or parts stored one after the other (a chunk and its checksum, uncopied).
+Data = bytes | tuple[bytes, ...]
+#: A value to store: its data, or a function that makes it (called in a writer thread).
+Payload = Data | Callable[[], Data]
 
 
 def write_pool() -> ThreadPoolExecutor:
@@ -133,11 +135,11 @@ class StoreIO:
 
     def _put(self, key: str, data: Payload) -> None:
         path = self.root / key
-        payload = data if isinstance(data, bytes) else data()
+        payload = data() if callable(data) else data
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
         try:
             with open(tmp, "wb") as f:
-                f.write(payload)
+                f.writelines(payload if isinstance(payload, tuple) else (payload,))
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -284,14 +286,14 @@ class ChunkEncoder:
         )
         self._blosc.typesize = cfg.get("typesize", self.dtype.itemsize)
 
-    def encode(self, block: np.ndarray) -> bytes:
+    def encode(self, block: np.ndarray) -> Data:
         """Encode ``block`` (at most the chunk shape; an edge block is padded with the fill value)."""
         if block.shape != self.chunk_shape:
             padded = np.full(self.chunk_shape, _fill(self.fill_value), dtype=self.dtype)
             padded[tuple(slice(0, s) for s in block.shape)] = block
             block = padded
         data = self._blosc.encode(np.ascontiguousarray(block, dtype=self.dtype))
-        return bytes(data) + crc32c_bytes(data) if self._checksum else bytes(data)
+        return (data, crc32c_bytes(data)) if self._checksum else data
 
 
 def _alive(pid: int) -> bool:
