@@ -17,15 +17,15 @@ Example (CPU or GPU; the loss must be per sample, ``reduction="none"``)::
 
 ``Recorder`` also works under ``DistributedDataParallel``: every rank logs its own samples, ``end_epoch`` gathers
 them on rank 0, drops the samples that ``DistributedSampler`` repeats to pad the ranks, and only rank 0 writes.
+Per-pixel streams (``pixel_streams=``) are never gathered: each rank writes its own samples' chunks.
 """
 
 from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,10 @@ from lossledger.errors import (
 from lossledger.format import check_stream_name
 from lossledger.run import Run
 
-from ._torch_dist import collective_device, first_rank_wins, gather_padded
+from ._torch_dist import Group, gather_groups
+from ._torch_host import Entry, as_tensor, concat, to_host
+from ._torch_probe import evaluate
+from ._torch_shards import ShardedStreams, open_sharded
 
 __all__ = ["AdapterError", "IndexedDataset", "Recorder", "evaluate"]
 
@@ -88,23 +91,6 @@ class IndexedDataset(Dataset):
         return (sample_id, item)
 
 
-@dataclass
-class _Entry:
-    """One ``log`` call: host tensors, possibly still being filled by an asynchronous device copy."""
-
-    ids: torch.Tensor  # (B,) int64 on the host
-    streams: dict[str, torch.Tensor]  # name -> (B, *element_shape) float32 on the host
-    event: Any = None  # torch.Event recorded after the copies were queued; None when already on the host
-
-    def ready(self) -> bool:
-        return self.event is None or bool(self.event.query())
-
-    def wait(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()
-            self.event = None
-
-
 class Recorder:
     """Per-sample values of a training loop, logged into ``run`` without a host sync per step.
 
@@ -123,15 +109,28 @@ class Recorder:
     the group gathers, keeps one value per sample (the lowest rank's, so the ids ``DistributedSampler`` repeats to
     pad the ranks are stored once), and writes. Other ranks may pass ``run=None``.
 
+    ``pixel_streams={"pixel": (H, W)}``: streams of per-pixel (element) values that are never gathered nor buffered
+    for the epoch: rank 0 declares them in its run (:meth:`lossledger.Run.declare_stream`, one sample per chunk file)
+    and every rank writes the chunks of its own samples in a background thread as their copies finish; making the
+    recorder is then a collective too, and ``end_epoch`` commits before it returns. ``sampler``: the training
+    ``DistributedSampler``, whose padding repeats (another rank holds the original) are left out of those streams.
+
     The tick's ``step`` is the previous step plus the number of ``log`` calls of this rank (those made by
     :func:`evaluate` do not count), unless ``end_epoch(step=...)`` says otherwise. Keep the tensors given to ``log``
     unchanged until ``end_epoch``: float32 host tensors are held as they are, not copied.
     """
 
     def __init__(
-        self, run: Run | None, *, background: bool = True, group: Any = None, distributed: bool | None = None
+        self,
+        run: Run | None,
+        *,
+        background: bool = True,
+        group: Any = None,
+        distributed: bool | None = None,
+        pixel_streams: Mapping[str, Sequence[int]] | None = None,
+        sampler: Any = None,
     ) -> None:
-        self._pending: list[_Entry] = []
+        self._pending: list[Entry] = []
         self._merged = 0  # leading entries of _pending that are merged blocks
         self._shapes: dict[str, torch.Size] = {}  # element shape of each stream logged (names already checked)
         self._steps = 0  # log calls in this tick that count as optimizer steps
@@ -150,15 +149,23 @@ class Recorder:
                 "ledger.run(name) (other ranks may pass None)"
             )
         self.run = run if self.rank == 0 else None
+        if self.run is not None and _active(self.run) is not None:
+            raise AdapterError(
+                f"run {self.run.name!r} already has an open Recorder; log through that one (evaluate() accepts it "
+                "too), or close it first"
+            )
+        self._shards: ShardedStreams | None = None
+        if pixel_streams:
+            shapes = {check_stream_name(name): tuple(int(d) for d in shape) for name, shape in pixel_streams.items()}
+            self._shards = open_sharded(
+                self.run, shapes, group=group, rank=self.rank, distributed=self.distributed, sampler=sampler
+            )
+            self._shapes.update({name: torch.Size(shape) for name, shape in shapes.items()})
         if self.run is not None:
-            if _active(self.run) is not None:
-                raise AdapterError(
-                    f"run {self.run.name!r} already has an open Recorder; log through that one (evaluate() "
-                    "accepts it too), or close it first"
-                )
             _ACTIVE[self.run] = weakref.ref(self)
             _wait_before_close(self.run)
-            if background:
+            # Sharded streams commit in end_epoch itself: the ranks' next chunks belong to the next tick.
+            if background and self._shards is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="lossledger-commit")
 
     # --- public API -----------------------------------------------------------------------------------
@@ -178,10 +185,13 @@ class Recorder:
     def flush(self) -> None:
         """Wait for the pending copies and log them into the run now, without committing.
 
-        Distributed: a collective (every rank calls it); rank 0 logs the gathered values.
+        Distributed: a collective (every rank calls it); rank 0 logs the gathered values. Pixel streams: every rank's
+        chunks are written (not committed).
         """
         self._check_open()
         self.wait()
+        if self._shards is not None:
+            self._shards.settle()
         groups = self._collect()
         if self.run is not None:
             _log_groups(self.run, groups)
@@ -196,7 +206,11 @@ class Recorder:
         self._check_open()
         self.wait()
         steps, self._steps = self._steps, 0
+        if self._shards is not None:
+            self._shards.settle()  # every rank's chunks of the tick are written (a barrier when distributed)
         groups = self._collect()
+        if self._shards is not None:
+            return self._commit_sharded(groups, epoch, step, steps)
         if self.run is None:
             return None
         tick = self.run.ticks
@@ -227,9 +241,11 @@ class Recorder:
                 self._writer.shutdown()
             if self.run is not None and _active(self.run) is self:
                 del _ACTIVE[self.run]
-        if self._pending:
-            n = sum(int(e.ids.shape[0]) for e in self._pending)
-            self._discard()
+        n = sum(int(e.ids.shape[0]) for e in self._pending) + (self._shards.logged if self._shards else 0)
+        self._discard()
+        if self._shards is not None:
+            self._shards.close()
+        if n:
             warnings.warn(
                 f"Recorder: {n} value(s) logged since the last end_epoch() were discarded on close; call "
                 "rec.end_epoch() before closing to keep them",
@@ -258,7 +274,7 @@ class Recorder:
         self._check_open()
         if not streams:
             raise ShapeMismatchError("log() got ids but no values; pass per-sample losses, e.g. rec.log(ids, losses)")
-        ids_t = ids if isinstance(ids, torch.Tensor) else _as_tensor(ids, "ids")
+        ids_t = ids if isinstance(ids, torch.Tensor) else as_tensor(ids, "ids")
         if ids_t.ndim != 1:
             raise ShapeMismatchError(f"ids must be 1-D, got shape {tuple(ids_t.shape)}; pass one id per sample")
         if ids_t.dtype not in _INT_DTYPES:
@@ -266,7 +282,7 @@ class Recorder:
         n = ids_t.shape[0]
         values: dict[str, torch.Tensor] = {}
         for name, raw in streams.items():
-            t = raw if isinstance(raw, torch.Tensor) else _as_tensor(raw, f"stream {name!r}")
+            t = raw if isinstance(raw, torch.Tensor) else as_tensor(raw, f"stream {name!r}")
             if t.ndim == 0 or t.shape[0] != n:
                 got = "a scalar" if t.ndim == 0 else f"shape {tuple(t.shape)}"
                 raise ShapeMismatchError(
@@ -289,18 +305,28 @@ class Recorder:
         if ids_t.dtype != torch.int64:
             ids_t = ids_t.to(torch.int64)
         if ids_t.is_cpu and all(t.is_cpu for t in values.values()):
-            self._pending.append(_Entry(ids_t, values))
+            entry = Entry(ids_t, values)
         else:
-            host, event = _to_host([ids_t, *values.values()])
-            self._pending.append(_Entry(host[0], dict(zip(values, host[1:], strict=True)), event))
+            host, event = to_host([ids_t, *values.values()])
+            entry = Entry(host[0], dict(zip(values, host[1:], strict=True)), event)
+        sharded = self._shards.names.intersection(values) if self._shards is not None else ()
+        if sharded:
+            assert self._shards is not None
+            own = {name: entry.streams.pop(name) for name in sharded}
+            self._shards.add(Entry(entry.ids, own, entry.event), training=count_step)
+        if entry.streams:
+            self._pending.append(entry)
         if count_step:
             self._steps += 1
         if len(self._pending) - self._merged >= _COMPACT_EVERY:
             self._compact()
 
     def _discard(self) -> None:
-        """Drop the values logged since the last end_epoch (the tick will not be committed)."""
+        """Drop the values logged since the last end_epoch (the tick will not be committed), and delete the chunks
+        this rank wrote of it."""
         self._pending, self._merged, self._steps = [], 0, 0
+        if self._shards is not None:
+            self._shards.discard()
 
     def _compact(self) -> None:
         """Merge the entries logged since the last merge whose copies are done: memory stays in a few blocks.
@@ -311,39 +337,39 @@ class Recorder:
         while done < len(self._pending) and self._pending[done].ready():
             done += 1
         if done - self._merged > 1:  # merged entries hold disjoint streams, so each stream keeps its logging order
-            merged = [_Entry(ids, values) for ids, values in _concat(self._pending[self._merged : done])]
+            merged = [Entry(ids, values) for ids, values in concat(self._pending[self._merged : done])]
             self._pending[self._merged : done] = merged
             self._merged += len(merged)
 
-    def _collect(self) -> list[tuple[Any, dict[str, Any]]]:
+    def _collect(self) -> list[Group]:
         """All pending values, one (ids, streams) group per set of streams in logging order; gathered on rank 0."""
         for entry in self._pending:
             entry.wait()
-        groups: list[tuple[Any, dict[str, Any]]] = list(_concat(self._pending))
+        groups: list[Group] = list(concat(self._pending))
         self._pending, self._merged = [], 0
-        return self._gather(groups) if self.distributed else groups
+        return gather_groups(groups, self._group, self.rank) if self.distributed else groups
 
-    # --- distributed ----------------------------------------------------------------------------------
-    def _gather(self, groups: list[tuple[Any, dict[str, Any]]]) -> list[tuple[Any, dict[str, Any]]]:
-        """Gather every rank's values on rank 0, one stream at a time; there, drop ids a lower rank logged."""
-        mine = {name: (ids, values) for ids, group in groups for name, values in group.items()}
-        layout = [(name, tuple(values.shape[1:]), int(ids.shape[0])) for name, (ids, values) in mine.items()]
-        layouts: list[Any] = [None] * dist.get_world_size(self._group)
-        dist.all_gather_object(layouts, layout, self._group)
-        device = collective_device(self._group)
-        dst = dist.get_global_rank(self._group, 0) if self._group is not None else 0
-        merged: list[tuple[Any, dict[str, Any]]] = []
-        for name, shape in dict.fromkeys((name, shape) for rank in layouts for name, shape, _ in rank):
-            lengths = [next((n for s, sh, n in rank if (s, sh) == (name, shape)), 0) for rank in layouts]
-            width = int(np.prod(shape, dtype=np.int64))
-            ids, values = mine.get(name, (torch.empty(0, dtype=torch.int64), torch.empty((0, *shape))))
-            flat = values.reshape(values.shape[0], width)
-            all_ids = gather_padded(ids, max(lengths), device, dst, self._group, self.rank)
-            all_values = gather_padded(flat, max(lengths), device, dst, self._group, self.rank)
-            if all_ids is not None and all_values is not None:
-                kept_ids, kept_values = first_rank_wins(all_ids, all_values, lengths)
-                merged.append((kept_ids, {name: kept_values.reshape((-1, *shape))}))
-        return merged
+    def _commit_sharded(self, groups: list[Group], epoch: int | None, step: int | None, steps: int) -> int | None:
+        """Rank 0 commits the tick now (every rank's chunks of it are written); then every rank learns the new open
+        tick, or that the commit failed, and then deletes its chunks of the tick."""
+        assert self._shards is not None
+        tick = self._shards.tick
+        outcome: int | str | None = None  # what rank 0 tells the others
+        error = None
+        if self.run is not None:
+            try:
+                _commit(self.run, groups, epoch, step, steps)
+            except Exception as err:  # noqa: BLE001 - raised below, once every rank knows
+                error = err
+            outcome = tick + 1 if self.run.ticks == tick + 1 else f"{type(error).__name__}: {error}"
+        try:
+            self._shards.committed(outcome)
+        except AdapterError:
+            if error is None:
+                raise
+        if error is not None:
+            raise error
+        return tick if self.run is not None else None
 
 
 def _log_groups(run: Run, groups: list[tuple[Any, dict[str, Any]]]) -> None:
@@ -379,151 +405,11 @@ def _wait_before_close(run: Run) -> None:
     run.close = close_after_commit  # type: ignore[method-assign]
 
 
-# --- tensors ------------------------------------------------------------------------------------------
-def _as_tensor(obj: Any, what: str) -> torch.Tensor:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    try:
-        return torch.as_tensor(np.asarray(obj))
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise InvalidDTypeError(f"{what} of type {type(obj).__name__} is not a tensor or array ({err})") from err
-
-
-def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
-    """The tensors on the host: accelerator tensors by non_blocking copies into pinned memory, plus an event.
-
-    Returns the host tensors (those already on the host as they are) and the event to wait on (or None).
-    """
-    host, event_device = [], None
-    for t in tensors:
-        if t.is_cpu:
-            host.append(t)
-            continue
-        try:
-            buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        except RuntimeError:  # an accelerator without pinned host memory: a plain (blocking) copy
-            host.append(t.to("cpu"))
-            continue
-        buffer.copy_(t, non_blocking=True)
-        host.append(buffer)
-        event_device = t.device
-    if event_device is None:
-        return host, None
-    event = torch.Event(device=event_device)
-    event.record(torch.accelerator.current_stream(event_device))
-    return host, event
-
-
-def _concat(entries: Sequence[_Entry]) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """The entries as few (ids, streams) groups, each stream's values in logging order.
-
-    Streams logged in exactly the same calls share one group (and one ids array); a stream's values are never
-    split across groups, so the run's ``on_duplicate="first"/"last"`` sees them in the order they were logged.
-    """
-    calls: dict[str, list[int]] = {}
-    for i, entry in enumerate(entries):
-        for name in entry.streams:
-            calls.setdefault(name, []).append(i)
-    by_calls: dict[tuple[int, ...], list[str]] = {}
-    for name, indices in calls.items():
-        by_calls.setdefault(tuple(indices), []).append(name)
-    out = []
-    for where, names in by_calls.items():
-        if len(where) == 1:
-            only = entries[where[0]]
-            out.append((only.ids, {name: only.streams[name] for name in names}))
-            continue
-        ids = torch.cat([entries[i].ids for i in where])
-        out.append((ids, {name: torch.cat([entries[i].streams[name] for i in where]) for name in names}))
-    return out
-
-
 def _committed_column(run: Run, column: str, default: int) -> int:
     """The last committed value of a tick column (``step``/``epoch``) of ``run``; ``default`` before any tick."""
     # Run has no public accessor for its committed tick rows (asked of the core as Run.last_tick); they are O(T).
     values = run._ticks[column]
     return int(values[-1]) if len(values) else default
-
-
-# --- the probe protocol -------------------------------------------------------------------------------
-def evaluate(
-    target: Run | Recorder | None,
-    model: torch.nn.Module,
-    loader: Iterable[Any],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    *,
-    prefix: str = "",
-    margin: bool = False,
-    correct: bool = False,
-    prob: bool = False,
-    embedding: str | None = None,
-    device: torch.device | str | None = None,
-    batch: Callable[[Any], tuple[Any, Any, Any]] | None = None,
-    commit: bool = True,
-    epoch: int | None = None,
-) -> int | None:
-    """Per-sample losses of a probe set under ``torch.no_grad()`` (model in eval mode), logged as one tick.
-
-    ``loader`` yields ``(ids, inputs, targets)`` (as from :class:`IndexedDataset`; ``batch`` maps another layout to
-    that); inputs and targets are moved to ``device`` (default: the model's). ``loss_fn(logits, targets)`` must
-    return (B,) (``reduction="none"``). Streams, each (B,) float32 unless said: ``{prefix}loss``; with
-    ``margin``, logit of the true class minus the largest other logit (raw logits, as in AUM); ``correct``
-    (1.0/0.0, argmax); ``prob``, softmax probability of the true class; ``embedding="layer.name"``, that module's
-    output flattened to (B, D), captured by a forward hook. ``target`` is the run, or the training ``Recorder`` so
-    that the probe joins its tick; probe batches do not count as optimizer steps. ``commit=False`` logs without
-    committing. Returns the tick index when committed (``None`` on ranks that do not write).
-
-    >>> evaluate(rec, model, DataLoader(IndexedDataset(test_set), batch_size=256), F.cross_entropy, margin=True)
-    """
-    if getattr(loss_fn, "reduction", "none") != "none":
-        raise ShapeMismatchError(
-            f"loss_fn has reduction={loss_fn.reduction!r}; evaluate needs one loss per sample: pass "  # type: ignore[attr-defined]
-            f"{type(loss_fn).__name__}(reduction='none')"
-        )
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    modules = dict(model.named_modules())
-    if embedding is not None and embedding not in modules:
-        names = [n for n in modules if n][:8]
-        raise AdapterError(f"model has no layer {embedding!r}; its named layers include {names}")
-    captured: list[torch.Tensor] = []
-    hook = None
-    rec, owned = _recorder_for(target)
-    was_training = model.training
-    try:
-        if embedding is not None:
-            hook = modules[embedding].register_forward_hook(lambda _m, _i, out: captured.append(_first(out)))
-        model.eval()
-        with torch.no_grad():
-            for item in loader:
-                ids, inputs, targets = batch(item) if batch is not None else item
-                inputs, targets = _move(inputs, device), _move(targets, device)
-                captured.clear()
-                logits = model(inputs)
-                if not isinstance(logits, torch.Tensor):
-                    raise InvalidDTypeError(
-                        f"model returned {type(logits).__name__}, not a logits tensor; wrap the model so that it "
-                        "returns (B, classes) logits"
-                    )
-                streams = {f"{prefix}loss": loss_fn(logits, targets)}
-                streams.update(_class_streams(logits, targets, prefix, margin=margin, correct=correct, prob=prob))
-                if embedding is not None:
-                    streams[f"{prefix}embedding"] = captured[-1].reshape(captured[-1].shape[0], -1)
-                rec._add(ids, streams, count_step=False)
-        if not commit:
-            rec.flush()
-            return None
-        return rec.end_epoch(epoch=epoch)
-    except BaseException:
-        if owned:
-            rec._discard()  # the error is what the caller needs to see, not a warning about discarded values
-        raise
-    finally:
-        model.train(was_training)
-        if hook is not None:
-            hook.remove()
-        if owned:
-            rec.close()
 
 
 def _active(run: Run | None) -> Recorder | None:
@@ -541,42 +427,3 @@ def _recorder_for(target: Run | Recorder | None) -> tuple[Recorder, bool]:
     if active is not None:
         return active, False
     return Recorder(target, background=False), True
-
-
-def _class_streams(
-    logits: torch.Tensor, targets: Any, prefix: str, *, margin: bool, correct: bool, prob: bool
-) -> dict[str, torch.Tensor]:
-    """Per-sample margin, correct and prob streams of (B, classes) logits and (B,) class targets, float32."""
-    if not (margin or correct or prob):
-        return {}
-    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or logits.ndim != 2:
-        raise ShapeMismatchError(
-            "margin, correct and prob need (B, classes) logits and (B,) integer class targets; got logits of shape "
-            f"{tuple(logits.shape)} and targets {type(targets).__name__}"
-        )
-    logits = logits.float()
-    target = targets.long()[:, None]
-    out = {}
-    if margin:
-        others = logits.scatter(1, target, float("-inf"))
-        out[f"{prefix}margin"] = logits.gather(1, target)[:, 0] - others.max(1).values
-    if correct:
-        out[f"{prefix}correct"] = (logits.argmax(1) == target[:, 0]).float()
-    if prob:
-        out[f"{prefix}prob"] = torch.softmax(logits, 1).gather(1, target)[:, 0]
-    return out
-
-
-def _first(out: Any) -> torch.Tensor:
-    """A module's output tensor (the first element of a tuple output)."""
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-def _move(obj: Any, device: torch.device | str) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, tuple | list):
-        return type(obj)(_move(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _move(v, device) for k, v in obj.items()}
-    return obj

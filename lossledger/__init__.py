@@ -14,6 +14,7 @@ from ._version import __version__
 from .errors import LedgerError, LedgerWarning
 from .ledger import Ledger, create, open
 from .run import Run
+from .shards import ShardWriter as ShardWriter
 
 __all__ = [
     "Ledger",

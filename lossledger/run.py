@@ -1,7 +1,8 @@
 """The run writer: buffer one tick of per-sample values, then commit it atomically.
 
 Memory: one tick buffer per stream logged in the tick, ``N x element_size`` float32 values plus one flag
-per sample (about 5 bytes per sample for a scalar stream), never ``N x ticks``.
+per sample (about 5 bytes per sample for a scalar stream), never ``N x ticks``. Streams declared with
+:meth:`Run.declare_stream` are written by :class:`lossledger.shards.ShardWriter` objects instead (no buffer here).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,12 +21,15 @@ from ._commit import now_iso, write_run_attrs
 from ._store import DEFAULT_COMPRESSOR, SCALAR_COMPRESSOR, ChunkEncoder, Payload, RunLock, StoreIO, json_bytes
 from .errors import (
     DuplicateSampleError,
+    InvalidDTypeError,
     LedgerWarning,
     NonFiniteValueError,
     RunClosedError,
+    RunLockedError,
     ShapeMismatchError,
 )
 from .format import (
+    STREAM_DTYPES,
     TICK_COLUMNS,
     TICKS_CHUNK,
     TICKS_FLUSH,
@@ -39,6 +44,8 @@ if TYPE_CHECKING:
     from ._samples import SampleIndex
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+#: Array attribute of a declared stream: its chunks are written by shard writers, never by the run's writer.
+SHARDED = "sharded"
 
 
 @dataclass
@@ -51,6 +58,11 @@ class _Stream:
     since: int
     per_chunk: int
     meta: dict[str, Any] | None = None  # None until the stream's array is created at its first commit
+
+    @property
+    def sharded(self) -> bool:
+        """Declared with :meth:`Run.declare_stream` (kept in the array's attributes, so it survives a resume)."""
+        return bool(self.meta is not None and self.meta.get("attributes", {}).get(SHARDED))
 
     def record(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "element_shape": list(self.element_shape), "since": self.since}
@@ -120,6 +132,11 @@ class Run:
         """The run's user attributes (JSON)."""
         return dict(self._attrs["attrs"])
 
+    @property
+    def ledger_path(self) -> Path:
+        """The folder of the ledger this run belongs to (shard writers of other processes open it)."""
+        return Path(self._io.root)
+
     def log(self, ids: Any, /, **streams: Any) -> None:
         """Record per-sample values of one or more streams for the current tick.
 
@@ -137,12 +154,17 @@ class Run:
         for name, raw in streams.items():
             values = as_values(raw, check_stream_name(name), len(ids_arr))
             stream = self._streams.get(name) or self._new_stream(name, values)
+            if stream.sharded:
+                raise RunLockedError(
+                    f"stream {name!r} of run {self.name!r} is declared for shard writers (declare_stream), which "
+                    "write its chunks; write its values with lossledger.shards.ShardWriter, not run.log"
+                )
             if values.shape[1:] != stream.element_shape:
                 raise ShapeMismatchError(
                     f"stream {name!r} has element shape {stream.element_shape} in run {self.name!r} but got "
                     f"{values.shape[1:]}; keep one element shape per stream (log other shapes to a new stream name)"
                 )
-            self._check_finite(name, stream, values)
+            check_finite(name, stream.dtype, stream.element_shape, values, allow_nonfinite=self._allow_nonfinite)
             if self._on_duplicate == "error":
                 if unique_rows is None:
                     sorted_rows = np.sort(rows)  # a sort is several times faster than np.unique's hash
@@ -153,6 +175,66 @@ class Run:
             self._record(stream, rows, values)
         self._calls_in_tick += 1
 
+    def declare_stream(
+        self,
+        name: str,
+        element_shape: tuple[int, ...],
+        *,
+        dtype: str | None = None,
+        samples_per_chunk: int | None = None,
+    ) -> None:
+        """Declare a stream whose chunks other processes write, each through a :class:`lossledger.shards.ShardWriter`.
+
+        Creates the stream's array metadata now, sized for the open tick ``self.ticks``; from then on every
+        ``end_epoch`` lists the stream in the commit record and keeps its capacity a tick ahead, though this writer
+        logs nothing to it (``run.log`` refuses it). ``element_shape`` e.g. ``(H, W)``; ``dtype`` "float32" or
+        "float16" (default: the run's ``stream_dtypes`` entry, else float32); ``samples_per_chunk`` samples per
+        chunk file (default 1; a shard writer writes only whole chunks, and with 1 any process may write any sample;
+        a chunk holds ``samples_per_chunk x prod(element_shape)`` values, 16 KiB for one 64x64 float32 map).
+        Declaring an existing stream (after a resume) checks that it matches (``None``: its own chunking) and makes
+        it a shard writers' stream from the open tick on. Nothing is written on bad input.
+        """
+        self._check_open()
+        check_stream_name(name)
+        if not isinstance(element_shape, tuple | list) or not all(
+            isinstance(d, int | np.integer) and d >= 0 for d in element_shape
+        ):
+            raise ShapeMismatchError(f"element_shape {element_shape!r} is not a tuple of sizes; pass e.g. (H, W)")
+        shape = tuple(int(d) for d in element_shape)
+        dtype = self._stream_dtypes.get(name, "float32") if dtype is None else dtype
+        if dtype not in STREAM_DTYPES:
+            raise InvalidDTypeError(f"dtype {dtype!r} is not supported; use one of {list(STREAM_DTYPES)}")
+        if samples_per_chunk is not None and not 1 <= int(samples_per_chunk) <= self._index.n:
+            raise ShapeMismatchError(
+                f"samples_per_chunk = {samples_per_chunk} is not between 1 and the {self._index.n} samples"
+            )
+        stream = self._streams.get(name)
+        if stream is None:
+            stream = _Stream(name, dtype, shape, since=self.ticks, per_chunk=int(samples_per_chunk or 1))
+            meta = self._create_array(stream, self.ticks, attributes={SHARDED: True})
+        else:
+            if name in self._buffers:
+                raise RunLockedError(
+                    f"stream {name!r} has values logged by run.log in tick {self.ticks}; declare it before logging "
+                    "(its chunks then belong to the shard writers), or use a new stream name"
+                )
+            per_chunk = stream.per_chunk if samples_per_chunk is None else int(samples_per_chunk)
+            if (stream.element_shape, stream.dtype, stream.per_chunk) != (shape, dtype, per_chunk):
+                raise ShapeMismatchError(
+                    f"stream {name!r} of run {self.name!r} exists with element shape {stream.element_shape}, dtype "
+                    f"{stream.dtype} and {stream.per_chunk} sample(s) per chunk, not {shape}, {dtype} and "
+                    f"{per_chunk}; declare it as it is, or use a new stream name"
+                )
+            if stream.sharded and stream.meta is not None and stream.meta["shape"][0] > self.ticks:
+                return
+            assert stream.meta is not None  # a committed stream has its array
+            meta = {**stream.meta, "attributes": {**stream.meta.get("attributes", {}), SHARDED: True}}
+            if meta["shape"][0] <= self.ticks:
+                meta = _with_capacity(meta, self.ticks + 1)
+            self._io.put_json(f"{stream_key(self.name, name)}/zarr.json", meta)
+        stream.meta = meta
+        self._streams[name] = stream
+
     def end_epoch(self, *, epoch: int | None = None, step: int | None = None) -> int:
         """Commit the current tick and return its index (0-based).
 
@@ -162,7 +244,7 @@ class Run:
         """
         self._check_open()
         tick = self.ticks
-        if not self._buffers:
+        if not self._buffers and not any(s.sharded for s in self._streams.values()):
             warnings.warn(
                 f"run {self.name!r}: tick {tick} is committed with no values logged (every sample NaN)",
                 LedgerWarning,
@@ -173,7 +255,8 @@ class Run:
         items: dict[str, Payload] = {}
         for name, buffer in self._buffers.items():
             items.update(self._encode_tick(self._streams[name], buffer, tick))
-        needed = {stream_key(self.name, name): tick + 1 for name in self._streams}
+        # A declared stream stays a tick ahead: shard writers write the next tick before anything commits it.
+        needed = {stream_key(self.name, name): tick + 1 + s.sharded for name, s in self._streams.items()}
         flushed = self._flushed
         if tick + 1 - flushed >= TICKS_FLUSH:
             items.update(self._encode_tick_rows(ticks, flushed))
@@ -235,24 +318,6 @@ class Run:
         # Not registered in self._streams until the log call passes every check (nothing written on bad input).
         return _Stream(name, dtype, element_shape, since=self.ticks, per_chunk=per_chunk)
 
-    def _check_finite(self, name: str, stream: _Stream, values: np.ndarray) -> None:
-        if values.dtype.kind != "f":
-            return
-        # In an element stream (pixel maps) NaN marks an ignored element (void, ignore_index): allowed; inf never.
-        finite = np.isfinite(values) | np.isnan(values) if stream.element_shape else np.isfinite(values)
-        if not self._allow_nonfinite and not finite.all():
-            bad = int(values.size - finite.sum())
-            what = "inf" if stream.element_shape else "NaN/inf"
-            raise NonFiniteValueError(
-                f"stream {name!r} got {bad} {what} value(s); fix the loss (e.g. clamp log(0)), or open the run "
-                "with allow_nonfinite=True to store them (NaN then reads as 'not logged')"
-            )
-        if stream.dtype == "float16" and np.nanmax(np.abs(values), initial=0.0) > _FLOAT16_MAX:
-            raise NonFiniteValueError(
-                f"stream {name!r} is stored as float16 but got values above {_FLOAT16_MAX:g}; store it as float32 "
-                "(stream_dtypes={...: 'float32'}) or rescale"
-            )
-
     def _check_no_duplicates(self, name: str, ids: np.ndarray, rows: np.ndarray, unique_in_batch: bool) -> None:
         buffer = self._buffers.get(name)
         repeated = None
@@ -282,6 +347,7 @@ class Run:
             self._buffers[stream.name] = buffer
         mode = self._on_duplicate
         if mode == "mean":
+            assert buffer.counts is not None  # made with the buffer in this mode
             np.add.at(buffer.counts, rows, 1)
             first_time = ~buffer.seen[rows]
             buffer.values[rows[first_time]] = 0.0
@@ -314,27 +380,34 @@ class Run:
             values = values.copy()
             values[logged] /= buffer.counts[logged].reshape((-1,) + (1,) * len(stream.element_shape))
         if stream.meta is None:
-            stream.meta = self._io.create_array(
-                stream_key(self.name, stream.name),
-                shape=(_capacity(tick + 1), self._index.n, *stream.element_shape),
-                chunks=(1, stream.per_chunk, *stream.element_shape),
-                dtype=stream.dtype,
-                fill_value=float("nan"),
-                compressor=DEFAULT_COMPRESSOR if stream.element_shape else SCALAR_COMPRESSOR,
-            )
+            stream.meta = self._create_array(stream, tick)
         encoder = ChunkEncoder(stream.meta)
         base = stream_key(self.name, stream.name)
         suffix = "/0" * len(stream.element_shape)
-        out = {}
+        out: dict[str, Payload] = {}
         for chunk in np.flatnonzero(buffer.touched):
             lo = int(chunk) * stream.per_chunk
             block = values[lo : lo + stream.per_chunk]
             out[f"{base}/c/{tick}/{chunk}{suffix}"] = partial(encoder.encode, block[None])
         return out
 
-    def _encode_tick_rows(self, ticks: dict[str, np.ndarray], start: int) -> dict[str, bytes]:
+    def _create_array(
+        self, stream: _Stream, tick: int, attributes: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Create ``stream``'s array (its metadata only), sized to hold tick ``tick``; return the metadata."""
+        return self._io.create_array(
+            stream_key(self.name, stream.name),
+            shape=(_capacity(tick + 1), self._index.n, *stream.element_shape),
+            chunks=(1, stream.per_chunk, *stream.element_shape),
+            dtype=stream.dtype,
+            fill_value=float("nan"),
+            attributes=attributes,
+            compressor=DEFAULT_COMPRESSOR if stream.element_shape else SCALAR_COMPRESSOR,
+        )
+
+    def _encode_tick_rows(self, ticks: dict[str, np.ndarray], start: int) -> dict[str, Payload]:
         """The ``ticks/`` chunk files holding rows ``start`` and later of ``ticks`` (all committed rows)."""
-        out = {}
+        out: dict[str, Payload] = {}
         for column, values in ticks.items():
             encoder = ChunkEncoder(self._tick_meta[column])
             for chunk in range(start // TICKS_CHUNK, -(-len(values) // TICKS_CHUNK)):
@@ -358,15 +431,38 @@ class Run:
 
     def _commit(self, n_ticks: int, ticks: dict[str, np.ndarray], flushed: int) -> None:
         """Write the commit record: ``n_ticks`` committed, rows ``flushed`` and later held in the record."""
+        # A stream first logged (or declared) in a tick that was never committed is not part of the run yet.
         record = {
             "ticks": n_ticks,
-            "streams": {name: s.record() for name, s in self._streams.items()},
+            "streams": {name: s.record() for name, s in self._streams.items() if s.since < n_ticks},
             "pending_ticks": {column: values[flushed:].tolist() for column, values in ticks.items()},
             "updated": now_iso(),
         }
         attrs = {**self._attrs, "commit": record}
         write_run_attrs(self._io, self.name, attrs)
         self._attrs, self._ticks, self._flushed = attrs, ticks, flushed
+
+
+def check_finite(
+    name: str, dtype: str, element_shape: tuple[int, ...], values: np.ndarray, *, allow_nonfinite: bool
+) -> None:
+    """Refuse NaN/inf values of stream ``name`` (NaN is allowed in element streams), and float16 overflow."""
+    if values.dtype.kind != "f":
+        return
+    # In an element stream (pixel maps) NaN marks an ignored element (void, ignore_index): allowed; inf never.
+    finite = np.isfinite(values) | np.isnan(values) if element_shape else np.isfinite(values)
+    if not allow_nonfinite and not finite.all():
+        bad = int(values.size - finite.sum())
+        what = "inf" if element_shape else "NaN/inf"
+        raise NonFiniteValueError(
+            f"stream {name!r} got {bad} {what} value(s); fix the loss (e.g. clamp log(0)), or open the run "
+            "with allow_nonfinite=True to store them (NaN then reads as 'not logged')"
+        )
+    if dtype == "float16" and np.nanmax(np.abs(values), initial=0.0) > _FLOAT16_MAX:
+        raise NonFiniteValueError(
+            f"stream {name!r} is stored as float16 but got values above {_FLOAT16_MAX:g}; store it as float32 "
+            "(stream_dtypes={...: 'float32'}) or rescale"
+        )
 
 
 def _capacity(ticks: int) -> int:

@@ -300,3 +300,21 @@ def test_a_forked_child_commits_after_its_parent_did(ledger, monkeypatch):
         pytest.fail("the forked child hung committing its tick")
     assert os.waitstatus_to_exitcode(done[1]) == 0
     np.testing.assert_array_equal(ll.open(ledger.path).trajectories("child")[:, 0], np.full(10, 2.0))
+
+
+def test_a_stream_first_logged_in_a_tick_discarded_on_close_is_not_committed(ledger):
+    # close() commits once more (the pending tick rows move to ticks/); a stream first logged in the discarded tick
+    # must not be in that record: it would name a stream with no committed tick, which readers refuse as damage.
+    run = ledger.run("r")
+    run.log([0], loss=[1.0])
+    run.end_epoch()
+    run.log([0, 1], other=[1.0, 2.0])
+    with pytest.warns(LedgerWarning, match="discarded on close"):
+        run.close()
+    reader = ll.open(ledger.path)
+    assert reader.streams("r")["stream"].to_pylist() == ["loss"]
+    assert reader.ticks("r").num_rows == 1
+    with ledger.run("r") as run:  # resumes; the new stream can be logged afresh
+        run.log([1], other=[3.0])
+        run.end_epoch()
+    np.testing.assert_array_equal(ll.open(ledger.path).trajectories("r", "other", ids=[1])[0], [np.nan, 3.0])
