@@ -239,7 +239,8 @@ def block_table(
     columns = [pa.array(sample_id, pa.int64())]
     if label is not None:
         columns.append(pa.array(label, pa.int32()))
-    # Missing is stored as null: parquet statistics ignore NaN, and DuckDB then folds isnan() to false.
+    # Missing is stored as null (parquet statistics ignore NaN; DuckDB skips nulls), with the NaN kept in the
+    # values under it: lossledger._scoring.nan_view gives the NaN form by dropping the bitmap, without a copy.
     columns += [pa.array(stats[name], pa.float64(), from_pandas=True) for name in SCORE_COLUMNS]
     columns.append(pa.array(stats["n_obs"], pa.int64()))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
