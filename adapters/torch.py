@@ -190,8 +190,7 @@ class Recorder:
         """
         self._check_open()
         self.wait()
-        if self._shards is not None:
-            self._shards.settle()
+        self._settle()
         groups = self._collect()
         if self.run is not None:
             _log_groups(self.run, groups)
@@ -206,8 +205,7 @@ class Recorder:
         self._check_open()
         self.wait()
         steps, self._steps = self._steps, 0
-        if self._shards is not None:
-            self._shards.settle()  # every rank's chunks of the tick are written (a barrier when distributed)
+        self._settle()
         groups = self._collect()
         if self._shards is not None:
             return self._commit_sharded(groups, epoch, step, steps)
@@ -320,6 +318,17 @@ class Recorder:
             self._steps += 1
         if len(self._pending) - self._merged >= _COMPACT_EVERY:
             self._compact()
+
+    def _settle(self) -> None:
+        """Every rank's chunks of the tick are written (a barrier when distributed); if any rank failed, the tick is
+        dropped everywhere (its values and chunks) and the error raised."""
+        if self._shards is None:
+            return
+        try:
+            self._shards.settle()
+        except BaseException:
+            self._discard()
+            raise
 
     def _discard(self) -> None:
         """Drop the values logged since the last end_epoch (the tick will not be committed), and delete the chunks
