@@ -162,12 +162,14 @@ def _names(io: StoreIO, column: str, attribute: str) -> tuple[str, ...] | None:
 
 
 class SampleIndex:
-    """Maps sample ids to rows: O(1) per id when ids are 0..N-1, else a binary search (O(log N))."""
+    """Maps sample ids to rows: O(1) per id when ids are 0..N-1, else a binary search (O(log N)).
+
+    Memory: nothing beyond the ids for ids 0..N-1; else the sort order and the sorted ids (16 bytes per sample).
+    """
 
     def __init__(self, sample_id: np.ndarray) -> None:
         self.n = int(sample_id.size)
-        self._identity = bool(self.n and sample_id[0] == 0 and sample_id[-1] == self.n - 1
-                              and np.array_equal(sample_id, np.arange(self.n)))
+        self._identity = _is_range(sample_id)
         if not self._identity:
             self._order = np.argsort(sample_id, kind="stable")
             self._sorted = sample_id[self._order]
@@ -199,3 +201,13 @@ class SampleIndex:
                 "sample_ids given to lossledger.create()"
             )
         return self._order[pos_clipped]
+
+
+def _is_range(sample_id: np.ndarray) -> bool:
+    """Whether the ids are 0..N-1 in order; compared a chunk at a time (no N-sized temporary)."""
+    n = int(sample_id.size)
+    if not n or sample_id[0] != 0 or sample_id[-1] != n - 1:
+        return False
+    return all(
+        np.array_equal(sample_id[lo : lo + _CHUNK], np.arange(lo, min(n, lo + _CHUNK))) for lo in range(0, n, _CHUNK)
+    )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ._commit import now_iso, read_run_attrs, stream_meta
-from ._scoring import stored_scores
+from ._scoring import score_batches
 from ._version import __version__
 from .errors import OutputPathError, UnknownRunError, UnknownStreamError
 from .format import FORMAT_VERSION
@@ -46,8 +46,8 @@ def export(
     """Write the scores of ``runs`` (default: all) and ``streams`` (default: each run's streams) to ``path``.
 
     The file appears whole or not at all: it is written to a temp file beside ``path`` and renamed over it.
-    Memory: one run's scores of one stream (N rows) at a time, plus what the scores engine needs.
-    Returns the path written.
+    Memory: one batch of scores (at most 262,144 rows) and the parquet row group being written, plus the
+    score engine's while a cache is computed; never a column of all samples. Returns the path written.
     """
     out = check_output_path(path)
     names = list(ledger.runs) if runs is None else list(runs)
@@ -60,8 +60,7 @@ def export(
     for run, stream in plan:  # checked before the file is started: a damaged ledger raises, naming the file
         stream_meta(ledger._io, run, stream, records[run]["commit"], ledger.n_samples)
     samples = ledger.samples
-    extra = [(name, samples[name].cast(pa.string()) if name in ("class", "split") else samples[name])
-             for name in ("label", "class", "split") if name in samples.column_names]
+    extra = [(name, samples[name]) for name in ("label", "class", "split") if name in samples.column_names]
     meta = {
         "format_version": FORMAT_VERSION,
         "lossledger_version": __version__,
@@ -74,7 +73,7 @@ def export(
             for run, r in records.items()
         },
     }
-    tables = (_rows(ledger, run, stream, dt, extra) for run, stream in plan)
+    tables = (table for run, stream in plan for table in _rows(ledger, run, stream, dt, extra))
     write_parquet(out, _schema(extra).with_metadata({METADATA_KEY: json.dumps(meta).encode()}), tables)
     return out
 
@@ -89,21 +88,26 @@ def _streams_of(run: str, record: dict[str, Any], wanted: Sequence[str] | None) 
     return list(wanted)
 
 
-def _schema(extra: list[tuple[str, pa.Array]]) -> pa.Schema:
+def _schema(extra: list[tuple[str, pa.ChunkedArray]]) -> pa.Schema:
     fields = [pa.field("run", pa.string()), pa.field("stream", pa.string()), pa.field("sample_id", pa.int64())]
-    fields += [pa.field(name, column.type) for name, column in extra]
+    fields += [pa.field(name, pa.string() if name in ("class", "split") else column.type) for name, column in extra]
     scores = [pa.field(name, pa.float64()) for name in ("action", "variance", "mean", "first", "last", "min", "max")]
     return pa.schema(fields + scores + [pa.field("n_obs", pa.int64())])
 
 
-def _rows(ledger: Ledger, run: str, stream: str, dt: str, extra: list[tuple[str, pa.Array]]) -> pa.Table:
-    scores = stored_scores(ledger._io, ledger._samples, run, stream, dt, None)
-    n = scores.num_rows
-    table = scores.drop_columns([c for c in ("label",) if c in scores.column_names])
-    for name, column in reversed(extra):
-        table = table.add_column(1, name, column)
-    table = table.add_column(0, "stream", pa.array([stream] * n, pa.string()))
-    return table.add_column(0, "run", pa.array([run] * n, pa.string()))
+def _rows(ledger: Ledger, run: str, stream: str, dt: str, extra: list[tuple[str, pa.ChunkedArray]]) -> Iterator[pa.Table]:
+    """The rows of one run and stream, a batch of the score cache at a time, joined with the samples' columns."""
+    _, batches = score_batches(ledger._io, ledger._samples, run, stream, dt, None)
+    lo = 0
+    for batch in batches:
+        n = batch.num_rows
+        table = pa.Table.from_batches([batch]).drop_columns([c for c in ("label",) if c in batch.schema.names])
+        for name, column in reversed(extra):
+            part = column.slice(lo, n)
+            table = table.add_column(1, name, part.cast(pa.string()) if name in ("class", "split") else part)
+        table = table.add_column(0, "stream", pa.repeat(pa.scalar(stream, pa.string()), n))
+        yield table.add_column(0, "run", pa.repeat(pa.scalar(run, pa.string()), n))
+        lo += n
 
 
 def check_output_path(path: str | os.PathLike[str]) -> Path:

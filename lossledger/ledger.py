@@ -458,7 +458,8 @@ class Ledger:
 
         One row per run, stream and sample; missing scores are null; the run attributes are in the file's
         ``lossledger`` metadata (schema: docs/api.md). Written to a temp file and renamed, so the file appears
-        whole or not at all. Memory: one run's scores of one stream at a time. Returns the path.
+        whole or not at all. Memory: one batch of scores (at most 262,144 rows) and the parquet row group being
+        written, plus the score engine's while a cache is computed. Returns the path.
         """
         return export_scores(self, path, runs, streams=streams, dt=dt)
 

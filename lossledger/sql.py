@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 
 from ._commit import list_runs, read_run_attrs
 from ._scan import ChunkSource, read_chunks
-from ._scoring import cache_path, stored_scores_all
+from ._scoring import stored_scores_all
 from .format import stream_key
 from .scores import DT_MODES
 
@@ -354,7 +354,7 @@ def _repeated(text: str, n: int) -> pa.Array:
 def connect(ledger: Ledger, *, with_scores: bool = True) -> duckdb.DuckDBPyConnection:
     """A new in-memory DuckDB connection with the ledger's views (``scores`` only if ``with_scores``)."""
     con = duckdb.connect()
-    con.register("samples", _samples_table(ledger))
+    _register_samples(con, ledger)
     con.register("runs", _runs_table(ledger))
     con.register("ticks", _ticks_table(ledger))
     con.register("losses", LossesView(ledger))
@@ -373,14 +373,15 @@ def query(ledger: Ledger, sql: str) -> pa.Table:
         con.close()
 
 
-def _samples_table(ledger: Ledger) -> pa.Table:
+def _register_samples(con: duckdb.DuckDBPyConnection, ledger: Ledger) -> None:
+    """The ``samples`` view: the ledger's columns as they are (no copy), with ``class`` and ``split`` cast from
+    dictionary to plain strings as they are scanned (DuckDB then compares them with string literals directly;
+    a cast of the whole column would cost ~10 bytes per sample)."""
     table = ledger.samples
-    # Dictionary columns become plain strings: DuckDB then compares them with string literals directly.
-    for name in ("class", "split"):
-        if name in table.column_names:
-            index = table.column_names.index(name)
-            table = table.set_column(index, name, table[name].cast(pa.string()))
-    return table
+    con.register("_samples", table)
+    casts = [f"CAST({name} AS VARCHAR) AS {name}" for name in ("class", "split") if name in table.column_names]
+    replace = f" REPLACE ({', '.join(casts)})" if casts else ""
+    con.execute(f"CREATE VIEW samples AS SELECT *{replace} FROM _samples")
 
 
 def _runs_table(ledger: Ledger) -> pa.Table:
@@ -433,18 +434,18 @@ def _register_scores(con: duckdb.DuckDBPyConnection, ledger: Ledger) -> None:
     parts: list[str] = []
     for run in ledger.runs:
         for stream in read_run_attrs(ledger._io, run)["commit"]["streams"]:
-            tables = stored_scores_all(ledger._io, ledger._samples, run, stream)  # the dt modes in one read
+            files = stored_scores_all(ledger._io, ledger._samples, run, stream)  # the dt modes in one read
             for dt in DT_MODES:
-                path = cache_path(ledger.path, run, stream, dt)
                 name = f"_scores_{len(parts)}"
-                if path.exists():
-                    source = f"read_parquet('{_sql_string(str(path))}')"
-                else:  # not cacheable (read-only folder): the in-memory result
-                    con.register(name, tables[dt])
-                    source = name
+                score_file = files[dt]
+                # The cache file is scanned by Arrow, a batch at a time; an uncacheable result (folder not
+                # writable) is its memory-mapped table.
+                if score_file.path is not None:
+                    con.register(name, ds.dataset(str(score_file.path), format="ipc"))
+                else:
+                    con.register(name, score_file.table)
                 parts.append(
-                    f"SELECT '{_sql_string(run)}' AS run, '{stream}' AS stream, '{dt}' AS dt, "
-                    f"* FROM {source}"
+                    f"SELECT '{_sql_string(run)}' AS run, '{stream}' AS stream, '{dt}' AS dt, * FROM {name}"
                 )
     if parts:
         con.execute("CREATE VIEW scores AS " + " UNION ALL BY NAME ".join(parts))

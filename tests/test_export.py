@@ -27,7 +27,10 @@ def two_runs(tmp_path):
     return ledger
 
 
-def test_export_matches_scores_and_samples(two_runs, tmp_path):
+@pytest.mark.parametrize("batch_rows", [None, 3])
+def test_export_matches_scores_and_samples(two_runs, tmp_path, monkeypatch, batch_rows):
+    if batch_rows:  # scores read in batches of 3 and 1 rows: the samples' columns are sliced to match
+        monkeypatch.setattr("lossledger._scoring.BATCH_ROWS", batch_rows)
     out = two_runs.export(tmp_path / "scores.parquet")
     table = pq.read_table(out)
     assert table.column_names == ["run", "stream", "sample_id", "label", "class", "split", "action", "variance",

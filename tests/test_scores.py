@@ -109,7 +109,7 @@ def test_scores_cache_is_used_and_refreshed_on_new_ticks(ledger):
         run.log([0, 1], loss=[1.0, 2.0])
         run.end_epoch()
         first = ledger.scores("r")
-        cache = ledger.path / "cache" / "scores" / "r" / "loss.epoch.parquet"
+        cache = ledger.path / "cache" / "scores" / "r" / "loss.epoch.arrow"
         assert cache.exists()
         mtime = cache.stat().st_mtime_ns
         second = ledger.scores("r")
@@ -149,10 +149,10 @@ def test_all_dt_modes_in_one_read_equal_each_alone(ledger, monkeypatch):
     together = stored_scores_all(ledger._io, ledger._samples, "r", "loss")
     assert len(reads) == 5  # one read of each tick's chunk for the three modes
     for dt in ("epoch", "step", "wall"):
-        (ledger.path / "cache" / "scores" / "r" / f"loss.{dt}.parquet").unlink()
+        (ledger.path / "cache" / "scores" / "r" / f"loss.{dt}.arrow").unlink()
         alone = stored_scores(ledger._io, ledger._samples, "r", "loss", dt, None)
-        assert together[dt].equals(alone), dt
-    assert not together["step"]["action"].equals(together["epoch"]["action"])
+        assert together[dt].table.equals(alone), dt
+    assert not together["step"].table["action"].equals(together["epoch"].table["action"])
 
 
 def test_a_held_result_is_reused_until_its_cache_file_changes(ledger):
@@ -161,7 +161,7 @@ def test_a_held_result_is_reused_until_its_cache_file_changes(ledger):
         run.end_epoch()
     first = ledger.scores("r")
     assert ledger.scores("r") is first  # Ledger.top after Ledger.scores reads nothing
-    cache = ledger.path / "cache" / "scores" / "r" / "loss.epoch.parquet"
+    cache = ledger.path / "cache" / "scores" / "r" / "loss.epoch.arrow"
     cache.unlink()
     second = ledger.scores("r")
     assert second is not first and cache.exists()
@@ -259,3 +259,99 @@ def test_a_forked_child_reads_after_its_parent_did(ledger):
         child.kill()
     assert not alive and child.exitcode == 0
     assert queue.get(timeout=10) == want
+
+
+# --- where results live: memory-mapped files ------------------------------------------------------------------
+def _filled(path, n=3000, n_ticks=4, seed=7):
+    """A ledger of ``n`` samples with labels; ~20% of values not logged. Returns (ledger, values (T, N))."""
+    rng = np.random.default_rng(seed)
+    led = ll.create(path, n_samples=n, labels=rng.integers(0, 4, n), classes=["a", "b", "c", "d"])
+    values = rng.exponential(1.0, (n_ticks, n)).astype(np.float32)
+    values[rng.random(values.shape) < 0.2] = np.nan
+    values[:, 5] = np.nan  # never observed
+    with led.run("r") as run:
+        for t in range(n_ticks):
+            ids = np.flatnonzero(~np.isnan(values[t]))
+            run.log(ids, loss=values[t, ids])
+            run.end_epoch()
+    return ll.open(path), values
+
+
+def _assert_reference(table, values):
+    want = reference(values, np.ones(values.shape[0]))
+    for name, expected in want.items():
+        np.testing.assert_allclose(table[name].to_numpy(), expected, rtol=1e-12, err_msg=name)
+
+
+def test_scores_are_a_memory_map_of_the_cache_not_a_copy(tmp_path):
+    import pyarrow as pa
+
+    led, values = _filled(tmp_path / "m.ll")
+    before = pa.total_allocated_bytes()
+    computed = led.scores("r")  # computed into the cache file, handed out mapped
+    cached = ll.open(led.path).scores("r")  # read from the cache file: only its footer
+    grown = pa.total_allocated_bytes() - before
+    assert grown < led.n_samples  # a copy of one column would be 8 bytes per sample
+    for table in (computed, cached):
+        _assert_reference(table, values)
+        assert table.num_rows == led.n_samples and table["action"].null_count == 0
+
+
+def test_uncached_results_leave_no_file_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    led, values = _filled(tmp_path / "u.ll")
+    files = {p for p in led.path.rglob("*") if p.is_file()}
+    _assert_reference(led.scores("r", ticks=[0, 2]), values[[0, 2]])  # a window: an unnamed temp file
+    # The cache folder cannot be made (a file is in the way): computed into an unnamed temp file in cache/.
+    (led.path / "cache").mkdir(exist_ok=True)
+    (led.path / "cache" / "scores").write_bytes(b"")
+    _assert_reference(ll.open(led.path).scores("r"), values)
+    assert {p for p in led.path.rglob("*") if p.is_file()} == files | {led.path / "cache" / "scores"}
+    # Neither cache/ nor the system temp folder can hold a file: the result is built in memory.
+    (led.path / "cache" / "scores").unlink()
+    (led.path / "cache").rmdir()
+    (led.path / "cache").write_bytes(b"")
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"")
+    monkeypatch.setattr(tempfile, "tempdir", str(blocker))
+    _assert_reference(ll.open(led.path).scores("r"), values)
+    _assert_reference(ll.open(led.path).scores("r", ticks=slice(1, None)), values[1:])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "other commit", "other rows"])
+def test_a_bad_cache_file_is_recomputed(tmp_path, damage):
+    import json
+
+    import pyarrow as pa
+
+    led, values = _filled(tmp_path / "d.ll")
+    led.scores("r")
+    cache = led.path / "cache" / "scores" / "r" / "loss.epoch.arrow"
+    if damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[:-100])
+    elif damage == "garbage":
+        cache.write_bytes(b"ARROW1" + bytes(500))
+    else:
+        with pa.ipc.open_file(cache) as reader:
+            table = reader.read_all()
+        meta = json.loads(table.schema.metadata[b"lossledger"])
+        if damage == "other commit":
+            meta["ticks"] -= 1
+        else:
+            table = table.slice(1)
+        with pa.ipc.new_file(cache, table.schema.with_metadata({b"lossledger": json.dumps(meta).encode()})) as w:
+            w.write_table(table)
+    _assert_reference(ll.open(led.path).scores("r"), values)
+
+
+def test_sample_index_checks_ids_a_chunk_at_a_time(monkeypatch):
+    from lossledger import _samples
+
+    monkeypatch.setattr(_samples, "_CHUNK", 4)
+    assert _samples.SampleIndex(np.arange(10))._identity
+    swapped = np.arange(10)
+    swapped[[5, 6]] = swapped[[6, 5]]  # same ends, one pair out of order in the second chunk
+    index = _samples.SampleIndex(swapped)
+    assert not index._identity
+    np.testing.assert_array_equal(index.rows(np.array([5, 6, 9])), [6, 5, 9])

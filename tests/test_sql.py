@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
 import lossledger as ll
@@ -23,7 +26,11 @@ def filled(ledger):
     return ll.open(ledger.path)
 
 
-def test_scores_view_equals_python_api(filled):
+@pytest.mark.parametrize("batch_rows", [None, 3])
+def test_scores_view_equals_python_api(filled, monkeypatch, batch_rows):
+    if batch_rows:  # cache files of several record batches
+        monkeypatch.setattr("lossledger._scoring.BATCH_ROWS", batch_rows)
+        shutil.rmtree(filled.path / "cache", ignore_errors=True)
     for run in ("a", "b"):
         for dt in ("epoch", "step", "wall"):
             got = filled.sql(
@@ -122,6 +129,55 @@ def test_top_per_class(filled):
         got = [r["variance"] for r in table.to_pylist() if r["label"] == label]
         assert got == pytest.approx(best.tolist())
     assert set(table["class"].to_pylist()) == {"a", "b", "c"}
+
+
+def _numpy_top(scores, k, by, hardest, per_class):
+    """(label, rank, sample_id) of the expected ranking, by a plain sort of the whole table."""
+    values = scores[by].to_numpy().astype(float)
+    ids = scores["sample_id"].to_numpy()
+    labels = scores["label"].to_numpy() if per_class else np.zeros(ids.size, int)
+    rows = sorted((int(lab), -v if hardest else v, int(i)) for lab, v, i in zip(labels, values, ids) if not np.isnan(v))
+    out, seen = [], {}
+    for lab, _, i in rows:
+        seen[lab] = seen.get(lab, 0) + 1
+        if seen[lab] <= k:
+            out.append((lab if per_class else None, seen[lab], i))
+    return out
+
+
+@pytest.mark.parametrize("ticks", [None, [1, 3]])
+def test_top_streams_batches_and_matches_a_full_sort(tmp_path, monkeypatch, ticks):
+    """Scores read or computed in batches of 7 rows: every ranking equals a sort of the whole table, ties
+    (values from a handful of levels) broken by sample id, never-observed samples left out."""
+    monkeypatch.setattr("lossledger._scoring.BATCH_ROWS", 7)
+    monkeypatch.setattr("lossledger._scan.SCAN_BUDGET_BYTES", 256)
+    monkeypatch.setattr("lossledger.format.CHUNK_TARGET_BYTES", 64)
+    rng = np.random.default_rng(3)
+    n = 120
+    led = ll.create(tmp_path / "t.ll", sample_ids=rng.permutation(1000)[:n], labels=rng.integers(0, 4, n),
+                    classes=["w", "x", "y", "z"])
+    ids = led.sample_ids
+    with led.run("r") as run:
+        for _ in range(4):
+            logged = ids[rng.random(n) < 0.7]
+            run.log(logged, loss=rng.integers(0, 4, logged.size) / 2)  # ties
+            run.end_epoch()
+    led = ll.open(led.path)
+    scores = led.scores("r", ticks=ticks)
+    for by in ("action", "n_obs", "variance"):
+        for hardest in (True, False):
+            for per_class in (False, True):
+                for k in (1, 5, 200):
+                    got = led.top(k, "r", by=by, hardest=hardest, per_class=per_class, ticks=ticks)
+                    rows = list(zip(got["label"].to_pylist() if per_class else [None] * got.num_rows,
+                                    got["rank"].to_pylist(), got["sample_id"].to_pylist()))
+                    assert rows == _numpy_top(scores, k, by, hardest, per_class), (by, hardest, per_class, k)
+                    want = scores.take(pa.array([np.flatnonzero(scores["sample_id"].to_numpy() == i)[0]
+                                                 for i in got["sample_id"].to_pylist()], pa.int64()))
+                    for name in ("action", "variance", "first", "n_obs"):
+                        np.testing.assert_array_equal(got[name].to_numpy(), want[name].to_numpy(), err_msg=name)
+                    names = np.array(["w", "x", "y", "z"])[got["label"].to_numpy()].tolist()
+                    assert got["class"].to_pylist() == names
 
 
 def test_top_errors(filled):

@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -95,6 +96,7 @@ import sys
 import traceback
 import warnings
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 import lossledger as ll
@@ -180,7 +182,7 @@ def scorer(path, dt, kill, k, before):
     lossledger._scan.SCAN_BUDGET_BYTES = 512  # many sample blocks: the cache file is written in many batches
     killer = KillAt(k, before)
     if kill == "write":
-        pq.ParquetWriter.write_batch = killer.wrap(pq.ParquetWriter.write_batch)
+        pa.ipc.RecordBatchFileWriter.write_batch = killer.wrap(pa.ipc.RecordBatchFileWriter.write_batch)
     elif kill == "replace":
         os.replace = killer.wrap(os.replace)
     say("start")
@@ -485,11 +487,13 @@ def test_score_cache_write_killed_then_scores_are_right(zygote, tmp_path):
         if kill == "timed":
             zygote.kill_after(lambda line: line == "start", rng.uniform(0, 0.02))
         zygote.finish()
-        file = cache / f"loss.{dt}.parquet"
-        others = sorted(p.name for p in cache.iterdir() if p.name not in ("loss.epoch.parquet", "loss.step.parquet"))
+        file = cache / f"loss.{dt}.arrow"
+        others = sorted(p.name for p in cache.iterdir() if p.name not in ("loss.epoch.arrow", "loss.step.arrow"))
         assert all(n.startswith(".loss.") and n.endswith(".partial") for n in others), others  # hidden temp files
-        if file.exists():  # whatever is at the cache path is a whole parquet file (old or new)
-            stamp = json.loads(pq.read_schema(file).metadata[b"lossledger"])
+        if file.exists():  # whatever is at the cache path is a whole Arrow IPC file (old or new)
+            with pa.ipc.open_file(file) as whole:
+                stamp = json.loads(whole.schema.metadata[b"lossledger"])
+                assert whole.read_all().num_rows == len(IDS)
             hit["whole" if stamp["ticks"] == ledger.ticks("r").num_rows else "old"] += 1
         else:
             hit["none"] += 1
