@@ -15,6 +15,7 @@ open tick ``t``:
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -40,7 +41,7 @@ def open_sharded(
         try:
             for name, shape in shapes.items():
                 run.declare_stream(name, tuple(shape))
-            where = (str(run.ledger_path), run.name, run.ticks)
+            where = (str(run.ledger_path), run.name, run.ticks, run.allow_nonfinite)
         except Exception as err:
             if distributed:  # the other ranks must learn of it, or they would wait in the broadcast forever
                 broadcast_from_first(f"{type(err).__name__}: {err}", group)
@@ -49,7 +50,14 @@ def open_sharded(
         where = broadcast_from_first(where, group)
     if isinstance(where, str):
         raise AdapterError(f"rank 0 could not declare the pixel streams {sorted(shapes)}: {where}")
-    return ShardedStreams(where, frozenset(shapes), group=group, distributed=distributed, sampler=sampler)
+    shards, error = None, None
+    try:  # e.g. a rank on a node that does not see the ledger's folder
+        shards = ShardedStreams(where, frozenset(shapes), group=group, distributed=distributed, sampler=sampler)
+    except Exception as err:  # noqa: BLE001 - raised below, once every rank knows
+        error = err
+    raise_if_any_failed(error, group=group, distributed=distributed, what=f"could not open the ledger {where[0]}")
+    assert shards is not None
+    return shards
 
 
 class ShardedStreams:
@@ -59,13 +67,13 @@ class ShardedStreams:
     """
 
     def __init__(
-        self, where: tuple[str, str, int], names: frozenset[str], *, group: Any, distributed: bool, sampler: Any
+        self, where: tuple[str, str, int, bool], names: frozenset[str], *, group: Any, distributed: bool, sampler: Any
     ) -> None:
-        path, run_name, self.tick = where
+        path, run_name, self.tick, allow_nonfinite = where
         self.names = names
         self._group, self._distributed, self._sampler = group, distributed, sampler
-        self._writer = ShardWriter(path, run_name)
-        self._queue: list[tuple[Entry, np.ndarray | None]] = []  # logged values and the ids to leave out
+        self._writer = ShardWriter(path, run_name, allow_nonfinite=allow_nonfinite)
+        self._queue: deque[tuple[Entry, np.ndarray | None]] = deque()  # logged values and the ids to leave out
         self._jobs: list[Future[int]] = []
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="lossledger-shards")
         self._padding: np.ndarray | None = None  # this rank's padding repeats in the open tick's epoch
@@ -86,7 +94,7 @@ class ShardedStreams:
     def pump(self) -> None:
         """Hand the queued values whose copies are done to the writer thread, in logging order (never waits)."""
         while self._queue and self._queue[0][0].ready():
-            entry, drop = self._queue.pop(0)
+            entry, drop = self._queue.popleft()
             self._jobs.append(self._thread.submit(self._write, self.tick, entry, drop))
 
     def _write(self, tick: int, entry: Entry, drop: np.ndarray | None) -> int:
@@ -111,19 +119,12 @@ class ShardedStreams:
             except Exception as err:  # noqa: BLE001 - raised below, once every rank knows
                 error = error or err
         self._jobs = []
-        failed = [(0, error)] if error is not None else []
-        if self._distributed:
-            status = None if error is None else f"{type(error).__name__}: {error}"
-            statuses: list[Any] = [None] * dist.get_world_size(self._group)
-            dist.all_gather_object(statuses, status, self._group)
-            failed = [(rank, s) for rank, s in enumerate(statuses) if s is not None]
-        if failed:
+        try:
+            what = f"could not write its chunks of tick {self.tick}: the tick is not committed, its chunks are deleted"
+            raise_if_any_failed(error, group=self._group, distributed=self._distributed, what=what)
+        except BaseException:
             self.discard()
-            if error is not None:
-                raise error
-            rank, message = failed[0]
-            raise AdapterError(f"rank {rank} could not write its chunks of tick {self.tick} ({message}); the tick is "
-                               "not committed and every rank deleted its chunks of it")
+            raise
 
     def committed(self, open_tick: int | str | None) -> None:
         """After rank 0's commit of the tick: its new open tick, or why it failed (distributed: a collective in which
@@ -141,7 +142,7 @@ class ShardedStreams:
         """Forget the values queued and delete the chunks written in the open tick; return how many were logged."""
         for job in self._jobs:
             job.exception()  # wait: a write in progress must land before its chunks are deleted
-        self._queue, self._jobs = [], []
+        self._queue, self._jobs = deque(), []
         self._writer.discard()
         logged, self.logged, self._padding = self.logged, 0, None
         return logged
@@ -171,3 +172,18 @@ def padding_ids(sampler: Any) -> np.ndarray:
     indices = np.fromiter(iter(sampler), dtype=np.int64)[max(first, 0) :]
     sample_ids = getattr(sampler.dataset, "sample_ids", None)
     return indices if sample_ids is None else np.asarray(sample_ids, dtype=np.int64)[indices]
+
+
+def raise_if_any_failed(error: BaseException | None, *, group: Any, distributed: bool, what: str) -> None:
+    """Raise ``error`` on the rank that had it, and on the others an :class:`AdapterError` saying which rank ``what``;
+    distributed, a collective that every rank calls, failed or not (so that none is left waiting in the next one)."""
+    failed = []
+    if distributed:
+        statuses: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(statuses, None if error is None else f"{type(error).__name__}: {error}", group)
+        failed = [(rank, status) for rank, status in enumerate(statuses) if status is not None]
+    if error is not None:
+        raise error
+    if failed:
+        rank, message = failed[0]
+        raise AdapterError(f"rank {rank} {what} ({message})")

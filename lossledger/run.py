@@ -133,6 +133,11 @@ class Run:
         return dict(self._attrs["attrs"])
 
     @property
+    def allow_nonfinite(self) -> bool:
+        """Whether NaN/inf values are stored rather than refused (``Ledger.run(..., allow_nonfinite=)``)."""
+        return self._allow_nonfinite
+
+    @property
     def ledger_path(self) -> Path:
         """The folder of the ledger this run belongs to (shard writers of other processes open it)."""
         return Path(self._io.root)
