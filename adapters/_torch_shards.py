@@ -29,6 +29,10 @@ from lossledger.shards import ShardWriter
 from ._torch_dist import broadcast_from_first
 from ._torch_host import Entry
 
+#: Batches handed to the writer thread and not yet written, at most: when training logs faster than the chunks
+#: are written, ``log`` waits for the oldest, so host memory stays a few batches, not an epoch.
+WRITES_IN_FLIGHT = 4
+
 
 def open_sharded(
     run: Run | None, shapes: dict[str, tuple[int, ...]], *, group: Any, rank: int, distributed: bool, sampler: Any
@@ -63,7 +67,7 @@ def open_sharded(
 class ShardedStreams:
     """The streams of one recorder that this rank writes itself: a queue of logged values and a writer thread.
 
-    Host memory: the values logged but not yet written (copies still running, and the write in progress).
+    Host memory: the batches whose device copies still run, plus at most ``WRITES_IN_FLIGHT`` batches being written.
     """
 
     def __init__(
@@ -74,7 +78,8 @@ class ShardedStreams:
         self._group, self._distributed, self._sampler = group, distributed, sampler
         self._writer = ShardWriter(path, run_name, allow_nonfinite=allow_nonfinite)
         self._queue: deque[tuple[Entry, np.ndarray | None]] = deque()  # logged values and the ids to leave out
-        self._jobs: list[Future[int]] = []
+        self._jobs: deque[Future[int]] = deque()  # writes handed to the thread, oldest first (done in that order)
+        self._error: BaseException | None = None  # the first write of the open tick that failed
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="lossledger-shards")
         self._padding: np.ndarray | None = None  # this rank's padding repeats in the open tick's epoch
         self.logged = 0  # values logged in the open tick (for the warning when they are discarded)
@@ -94,8 +99,18 @@ class ShardedStreams:
     def pump(self) -> None:
         """Hand the queued values whose copies are done to the writer thread, in logging order (never waits)."""
         while self._queue and self._queue[0][0].ready():
+            self._reap(block=len(self._jobs) >= WRITES_IN_FLIGHT)
             entry, drop = self._queue.popleft()
             self._jobs.append(self._thread.submit(self._write, self.tick, entry, drop))
+        self._reap(block=False)
+
+    def _reap(self, *, block: bool) -> None:
+        """Forget the writes that are done, keeping the first error; with ``block``, wait for the oldest first."""
+        if block:
+            self._jobs[0].exception()
+        while self._jobs and self._jobs[0].done():
+            error = self._jobs.popleft().exception()
+            self._error = self._error or error
 
     def _write(self, tick: int, entry: Entry, drop: np.ndarray | None) -> int:
         ids = entry.ids.numpy()
@@ -109,16 +124,12 @@ class ShardedStreams:
     def settle(self) -> None:
         """Write everything queued and wait for it; then (distributed: a collective, also the barrier) raise if any
         rank failed, after every rank deleted its chunks of the tick."""
-        error: BaseException | None = None
         for entry, _ in self._queue:
             entry.wait()
         self.pump()
-        for job in self._jobs:
-            try:
-                job.result()
-            except Exception as err:  # noqa: BLE001 - raised below, once every rank knows
-                error = error or err
-        self._jobs = []
+        while self._jobs:
+            self._reap(block=True)
+        error, self._error = self._error, None
         try:
             what = f"could not write its chunks of tick {self.tick}: the tick is not committed, its chunks are deleted"
             raise_if_any_failed(error, group=self._group, distributed=self._distributed, what=what)
@@ -142,7 +153,7 @@ class ShardedStreams:
         """Forget the values queued and delete the chunks written in the open tick; return how many were logged."""
         for job in self._jobs:
             job.exception()  # wait: a write in progress must land before its chunks are deleted
-        self._queue, self._jobs = deque(), []
+        self._queue, self._jobs, self._error = deque(), deque(), None
         self._writer.discard()
         logged, self.logged, self._padding = self.logged, 0, None
         return logged
