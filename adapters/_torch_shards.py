@@ -97,7 +97,8 @@ class ShardedStreams:
         self.pump()
 
     def pump(self) -> None:
-        """Hand the queued values whose copies are done to the writer thread, in logging order (never waits)."""
+        """Hand the queued values whose copies are done to the writer thread, in logging order; waits for the oldest
+        write only while ``WRITES_IN_FLIGHT`` are under way (never for the device)."""
         while self._queue and self._queue[0][0].ready():
             self._reap(block=len(self._jobs) >= WRITES_IN_FLIGHT)
             entry, drop = self._queue.popleft()
