@@ -31,6 +31,7 @@ import numpy as np
 
 from ._arrays import as_ids, as_values
 from ._commit import array_meta, read_run_attrs
+from ._samples import SampleIndex
 from ._store import ChunkEncoder, Payload, StoreIO
 from .errors import (
     DuplicateSampleError,
@@ -56,7 +57,8 @@ class ShardWriter:
     ``end_epoch`` commits. It reads the ledger's metadata and takes no lock. ``allow_nonfinite`` as in
     :meth:`lossledger.Ledger.run` (NaN marks ignored elements of element streams anyway; inf is refused without it).
 
-    Memory: one flag per sample and stream (samples written in the open tick) plus the chunks of one call.
+    Memory: the ledger's sample ids and their index (O(N)), one flag per sample and stream (the samples written in
+    the open tick), and the chunks of one call.
 
     Example (every rank; the run's writer is open in rank 0 and declared ``pixel``)::
 
@@ -68,17 +70,16 @@ class ShardWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], run: str, *, allow_nonfinite: bool = False) -> None:
-        # The read-only Ledger checks the format and reads the sample ids; chunks go through a writable StoreIO.
         if "://" in str(path):
             raise ReadOnlyError(
                 f"shard writers write local ledgers only (they check the run's writer by its lock file), not "
                 f"{path}; keep the ledger on a (shared) file system, or let the run's writer log every value"
             )
-        ledger = Ledger(Path(path), mode="r")
+        # The read-only Ledger checks the format and reads the sample ids; chunks go through a writable StoreIO.
+        self._sample_ids = Ledger(Path(path), mode="r").sample_ids  # (N,) int64, row order
+        self._index = SampleIndex(self._sample_ids)
         self.path = Path(path)
         self.run = check_run_name(run)
-        self._index = ledger._index
-        self._sample_ids = ledger.sample_ids  # (N,) int64: ids of rows, for messages
         self._io = StoreIO(self.path, read_only=False)
         self._allow_nonfinite = allow_nonfinite
         read_run_attrs(self._io, run)  # raises UnknownRunError if there is no such run
