@@ -121,11 +121,18 @@ def check_output_path(path: str | os.PathLike[str]) -> Path:
     return out
 
 
+#: Columns with few distinct values, dictionary-encoded in parquet. The others (ids, float scores) are not:
+#: a dictionary of random float64s overflows and falls back to plain in every row group, which made an export
+#: ~3x slower and its file ~30% larger (measured on 5M rows).
+DICTIONARY_COLUMNS = ("run", "stream", "label", "class", "split")
+
+
 def write_parquet(out: Path, schema: pa.Schema, tables: Iterable[pa.Table]) -> None:
     """Write ``tables`` (cast to ``schema``) to ``out`` through a temp file renamed into place on success."""
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.partial")
+    dictionary = [name for name in schema.names if name in DICTIONARY_COLUMNS]
     try:
-        with pq.ParquetWriter(tmp, schema) as writer:
+        with pq.ParquetWriter(tmp, schema, use_dictionary=dictionary) as writer:
             for table in tables:
                 writer.write_table(table.select(schema.names).cast(schema))
         os.replace(tmp, out)
