@@ -138,9 +138,9 @@ class Run:
         return self._allow_nonfinite
 
     @property
-    def ledger_path(self) -> Path:
-        """The folder of the ledger this run belongs to (shard writers of other processes open it)."""
-        return Path(self._io.root)
+    def ledger_path(self) -> Path | str:
+        """Where the ledger of this run is: its folder, or its object-store URL (shard writers open it)."""
+        return self._io.root
 
     def log(self, ids: Any, /, **streams: Any) -> None:
         """Record per-sample values of one or more streams for the current tick.
