@@ -2,16 +2,17 @@
 
 The local engine (:func:`lossledger.scores.score_blocks` over :func:`lossledger._scan.scan`) walks a stream in
 sample blocks (whole chunk columns) and, inside each block, in slabs of ticks. Here every block is one Dask task.
-The client sends a small description (:class:`BlockJob`: where the ledger is, run, stream, tick positions, Δt,
-ticks per slab, plus the block's sample rows); the task opens the ledger itself, reads and decodes only that
+The client sends a small description (:class:`BlockJob`: the ledger's path or URL, run, stream, tick positions,
+Δt, ticks per slab, plus the block's sample rows); the task opens the ledger itself, reads and decodes only that
 block's chunks, runs the same kernel (:class:`lossledger.scores._BlockMoments`) over the same slabs, and sends
 back the block's per-sample statistics (~64 bytes per sample), never loss values. Same blocks, same slabs, same
 tiles: the same floating-point operations in the same order, so the table is bit-identical to
 ``engine="local"`` where the workers run the same numpy build on the same kind of CPU (docs/scale-out.md).
 
-Cache: the result over all ticks is the local engine's, bit for bit, so this engine shares its parquet cache
-(:mod:`lossledger._scoring`): a valid cached table is returned without starting a task, and a computed one is
-written there, so ``top``, ``export`` and the SQL views that follow reuse it. Windows are never cached.
+Cache: the result over all ticks is the local engine's, bit for bit, so this engine shares its cache file
+(:mod:`lossledger._scoring`): a valid one is returned without starting a task, and a computed result is
+written there batch by batch as the blocks come back (a window, or a ledger whose cache folder cannot be
+written, goes to a temp file), then handed out memory-mapped; ``top``, ``export`` and the SQL views reuse it.
 
 Dask is optional (the ``[dask]`` extra) and is imported only here, only when this engine is asked for.
 """
@@ -20,8 +21,8 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -30,13 +31,25 @@ import pyarrow as pa
 from . import _scan
 from ._arrays import tick_positions
 from ._commit import read_run_attrs, read_ticks
+from ._remote import store_io
 from ._samples import Samples
 from ._scan import ChunkSource, _submit
-from ._scoring import _CacheWriter, _read_cache, _stamp, _writable, cache_path, compute_scores
+from ._scoring import (
+    BATCH_ROWS,
+    _CacheWriter,
+    _checked_commit,
+    _open_cache,
+    _scratch_writer,
+    _stamp,
+    _writable,
+    cache_path,
+    compute_scores,
+    nan_view,
+)
 from ._store import StoreIO
 from .errors import LedgerNotFoundError, MissingDependencyError, ShapeMismatchError
 from .format import stream_key
-from .scores import DT_MODES, _BlockMoments, block_table, null_to_nan, scores_schema, tick_durations
+from .scores import _BlockMoments, block_table, scores_schema, tick_durations
 
 Engine = Literal["local", "dask"]
 ENGINES: tuple[str, ...] = ("local", "dask")
@@ -97,13 +110,14 @@ def block_layout(n: int, per_chunk: int, element: tuple[int, ...], n_ticks: int,
 class BlockJob:
     """What a task needs besides its sample rows; built once per call and shipped once to each worker."""
 
-    location: str  # absolute path of the ledger folder, which every worker must see
+    location: str  # the ledger's absolute path (which every worker must see) or its URL
     created: Any  # the ledger's creation stamp: a worker that sees another ledger at ``location`` refuses
     run: str
     stream: str
     tick_index: np.ndarray  # (n,) int64 positions of the scanned ticks, sorted, unique
     dts: np.ndarray  # (1, n) float64 Δt of those ticks
     ticks_per_slab: int
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of a URL (credentials too)
 
 
 def score_block(job: BlockJob, lo: int, hi: int) -> dict[str, np.ndarray]:
@@ -113,7 +127,7 @@ def score_block(job: BlockJob, lo: int, hi: int) -> dict[str, np.ndarray]:
     Memory: one slab (at most half the scan budget, 32 MB, of float32), the block's state (~72 bytes per value
     of the block) and the result (~64 bytes per sample).
     """
-    io = StoreIO(Path(job.location), read_only=True)
+    io = store_io(job.location, read_only=True, storage_options=job.storage_options or None)
     _check_same_ledger(io, job)
     source = ChunkSource(io.open_array(stream_key(job.run, job.stream)))
     state = _BlockMoments((hi - lo, *source.element), job.dts.shape[0])
@@ -131,9 +145,15 @@ def score_block(job: BlockJob, lo: int, hi: int) -> dict[str, np.ndarray]:
 
 def _check_same_ledger(io: StoreIO, job: BlockJob) -> None:
     """Refuse to score a ledger other than the client's (a path that is not shared, or a stale copy)."""
-    root = io.group_attrs("")
+    try:
+        root = io.group_attrs("")
+    except FileNotFoundError:  # no folder at the path on this worker
+        root = None
     where = f"worker {socket.gethostname()} (pid {os.getpid()})"
-    fix = "Dask workers must reach the ledger at the same path: put it on a shared file system (docs/scale-out.md)"
+    fix = (
+        "Dask workers must reach the ledger at the same path: put it on a shared file system or an object store "
+        "(docs/scale-out.md)"
+    )
     if root is None or root.get("created") != job.created:
         seen = "no ledger" if root is None else f"another ledger (created {root.get('created')})"
         raise LedgerNotFoundError(f"{where} finds {seen} at {job.location}, not the client's; {fix}")
@@ -149,19 +169,21 @@ def dask_scores(
     io: StoreIO, samples: Samples, run: str, stream: str, dt: str, ticks: Any, *, client: Any = None
 ) -> pa.Table:
     """:func:`lossledger._scoring.compute_scores`, computed by Dask tasks (one per sample block) on ``client``
-    (default: the current ``distributed`` client, else Dask's default scheduler). Bit-identical result.
+    (default: the current ``distributed`` client, else Dask's default scheduler). Bit-identical result, written
+    to the same cache file (or temp file) and handed out memory-mapped the same way.
 
-    Memory on the client: the per-block results (~64 bytes per sample) turned one by one into the table
-    (~80 bytes per sample); never loss values.
+    Memory on the client: the results of a few blocks at a time (~64 bytes per sample of a block), written to
+    the file as they come; never loss values.
     """
     dask = _import_dask()
-    if dt not in DT_MODES:
-        raise ShapeMismatchError(f"dt must be one of {list(DT_MODES)} (Δt per tick), got {dt!r}")
-    commit = read_run_attrs(io, run)["commit"]
+    commit = _checked_commit(io, run, stream, (dt,))
     stamp = _stamp(commit)
+    schema = scores_schema(samples.label is not None)
+    cacheable = ticks is None and io.local  # as the local engine: an object store's ledger has no cache folder
     cache = cache_path(io.root, run, stream, dt)
-    if ticks is None and (cached := _read_cache(cache, stamp)) is not None:
-        return null_to_nan(cached)
+    found = _open_cache(cache, stamp) if cacheable else None
+    if found is not None and found.table.num_rows == samples.n and found.table.schema.equals(schema):
+        return nan_view(found.table)
     tick_index = np.unique(tick_positions(ticks, commit["ticks"]))  # a window counts each tick once
     if tick_index.size == 0:  # nothing to read: the local engine's all-NaN table
         return compute_scores(io, samples, run, stream, dt, ticks)
@@ -170,7 +192,8 @@ def dask_scores(
     n, element = int(array.shape[1]), tuple(int(d) for d in array.shape[2:])
     width, ticks_per_slab = block_layout(n, int(array.chunks[1]), element, tick_index.size, _scan.SCAN_BUDGET_BYTES)
     job = BlockJob(
-        location=os.path.abspath(io.root),
+        location=os.path.abspath(io.root) if io.local else str(io.root),
+        storage_options=dict(getattr(io, "storage_options", {})),
         created=(io.group_attrs("") or {}).get("created"),
         run=run,
         stream=stream,
@@ -181,20 +204,46 @@ def dask_scores(
     shared = dask.delayed(job)  # one graph key: sent to each worker once, not once per task
     starts = range(0, n, width)
     tasks = [dask.delayed(score_block)(shared, lo, min(n, lo + width)) for lo in starts]
-    results: list[Any] = list(dask.compute(*tasks, scheduler=client))
-    schema = scores_schema(samples.label is not None)
-    batches = []
-    for i, lo in enumerate(starts):
-        stats, results[i] = results[i], None  # drop each block's result once it is in the table
-        hi = lo + stats["n_obs"].shape[0]
-        label = None if samples.label is None else samples.label[lo:hi]
-        batches.append(block_table(schema, samples.sample_id[lo:hi], label, {**stats, "action": stats["action"][0]}))
-    if ticks is None and _writable(cache.parent):
-        writer = _CacheWriter(cache, schema, stamp)
-        try:
-            for batch in batches:
-                writer.write(batch)
-            writer.commit()
-        finally:
-            writer.discard()
-    return null_to_nan(pa.Table.from_batches(batches, schema=schema))
+    cache_it = cacheable and _writable(cache.parent)
+    writer = (
+        _CacheWriter(cache, schema, stamp)
+        if cache_it
+        else _scratch_writer(schema, io.root / "cache" if io.local else None)
+    )
+    try:
+        for lo, stats in zip(starts, _in_order(dask, tasks, client)):
+            hi = lo + stats["n_obs"].shape[0]
+            label = None if samples.label is None else samples.label[lo:hi]
+            batch = block_table(schema, samples.sample_id[lo:hi], label, {**stats, "action": stats["action"][0]})
+            for row in range(0, hi - lo, BATCH_ROWS):  # batches as the local engine writes them
+                writer.write(batch.slice(row, BATCH_ROWS))
+        return nan_view(writer.commit().table)
+    finally:
+        writer.discard()
+
+
+def _in_order(dask: Any, tasks: list[Any], client: Any) -> Iterator[dict[str, np.ndarray]]:
+    """The tasks' results in order. On a ``distributed`` cluster all are submitted at once and each result is
+    let go once taken; with Dask's other schedulers they run in waves of two per core."""
+    client = client if client is not None else _current_client()
+    if client is not None:
+        futures = client.compute(tasks)
+        for i in range(len(futures)):
+            future, futures[i] = futures[i], None  # released on the cluster once its result is here
+            yield future.result()
+        return
+    wave = 2 * (os.cpu_count() or 1)
+    for start in range(0, len(tasks), wave):
+        yield from dask.compute(*tasks[start : start + wave])
+
+
+def _current_client() -> Any:
+    """The ``distributed`` client Dask would use now (``as_current``, else the default one), or None."""
+    try:
+        from distributed import Client
+    except ImportError:
+        return None
+    try:
+        return Client.current(allow_global=True)
+    except ValueError:  # no client
+        return None
