@@ -387,8 +387,12 @@ def _log_groups(run: Run, groups: list[tuple[Any, dict[str, Any]]]) -> None:
 
 
 def _commit(run: Run, groups: list[tuple[Any, dict[str, Any]]], epoch: int | None, step: int | None, steps: int) -> int:
-    """Log one tick's groups and commit it (in the writer thread, or in the caller's)."""
-    _log_groups(run, groups)
+    """Log one tick's groups and commit it (in the writer thread, or in the caller's); a refused tick records nothing."""
+    try:
+        _log_groups(run, groups)
+    except BaseException:
+        run.discard()  # the groups logged before the refused one would otherwise join the next tick
+        raise
     if step is None:
         step = _committed_column(run, "step", 0) + steps
     return run.end_epoch(epoch=epoch, step=step)

@@ -273,6 +273,18 @@ class Run:
         self._calls_in_tick = 0
         return tick
 
+    def discard(self) -> int:
+        """Drop every value logged since the last ``end_epoch`` (the tick starts afresh); writes nothing.
+
+        Returns the number of (sample, stream) values dropped. Streams first logged in the tick are forgotten too.
+        """
+        self._check_open()
+        n = int(sum(int(b.seen.sum()) for b in self._buffers.values()))
+        self._buffers.clear()
+        self._calls_in_tick = 0
+        self._streams = {name: s for name, s in self._streams.items() if s.meta is not None}  # never created
+        return n
+
     def close(self) -> None:
         """Release the run. Values logged since the last ``end_epoch`` are discarded, with a warning.
 
@@ -280,15 +292,14 @@ class Run:
         """
         if self._closed:
             return
-        if self._buffers:
-            n = int(sum(int(b.seen.sum()) for b in self._buffers.values()))
+        n = self.discard()
+        if n:
             warnings.warn(
                 f"run {self.name!r}: {n} value(s) logged since the last end_epoch() were discarded on close; "
                 "call run.end_epoch() before closing to keep them",
                 LedgerWarning,
                 stacklevel=2,
             )
-        self._buffers.clear()
         self._closed = True
         try:
             if self._flushed < self.ticks:

@@ -318,3 +318,18 @@ def test_a_stream_first_logged_in_a_tick_discarded_on_close_is_not_committed(led
         run.log([1], other=[3.0])
         run.end_epoch()
     np.testing.assert_array_equal(ll.open(ledger.path).trajectories("r", "other", ids=[1])[0], [np.nan, 3.0])
+
+
+def test_discard_drops_the_tick_and_the_streams_first_logged_in_it(ledger):
+    with ledger.run("r") as run:
+        run.log([0, 1], loss=[1.0, 2.0])
+        run.end_epoch()
+        run.log([2], loss=[3.0], other=[4.0])
+        run.log([3], loss=[5.0])
+        assert run.discard() == 3
+        run.log([4], loss=[6.0])
+        assert run.end_epoch() == 1
+    reader = ll.open(ledger.path)
+    assert reader.streams("r")["stream"].to_pylist() == ["loss"]
+    np.testing.assert_array_equal(reader.trajectories("r", ids=[2, 3, 4])[:, 1], [np.nan, np.nan, 6.0])
+    assert reader.ticks("r")["step"].to_pylist() == [1, 2]  # the discarded log calls are no steps

@@ -12,12 +12,12 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is not installed: pip install 'lossledger[torch]'")
 
+from lossledger.adapters._torch_shards import padding_ids
+from lossledger.adapters.torch import IndexedDataset, Recorder
 from torch.utils.data import TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 import lossledger as ll
-from lossledger.adapters._torch_shards import padding_ids
-from lossledger.adapters.torch import IndexedDataset, Recorder
 from lossledger.errors import LedgerWarning, ShapeMismatchError, UnknownSampleError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -73,6 +73,22 @@ def test_a_failed_chunk_write_drops_the_whole_tick_and_close_discards_written_ch
     np.testing.assert_array_equal(stored[:2, 0], _maps(1, range(2)).numpy())
     assert np.isnan(stored[2:]).all()
     np.testing.assert_array_equal(ll.open(led.path).trajectories("r")[:, 0], [1, 1] + [np.nan] * (N - 2))
+    led.close()
+
+
+def test_a_commit_refused_by_the_run_deletes_the_chunks_and_records_nothing_of_the_tick(tmp_path):
+    led = ll.create(tmp_path / "c.ll", n_samples=N)
+    with led.run("r") as run, Recorder(run, pixel_streams={"pix": SHAPE}) as rec:
+        rec.log(torch.arange(3), torch.ones(3), pix=_maps(0, range(3)))  # chunks written, losses gathered
+        rec.log(torch.tensor([99]), other=torch.ones(1))  # refused by the run when rank 0 logs the tick
+        with pytest.raises(UnknownSampleError, match="99"):
+            rec.end_epoch()
+        assert _chunk_files(led.path, 0) == 0
+        rec.log(torch.tensor([5]), torch.full((1,), 2.0), pix=_maps(1, [5]))
+        assert rec.end_epoch() == 0
+    reader = ll.open(led.path)
+    np.testing.assert_array_equal(reader.trajectories("r")[:, 0], [np.nan] * 5 + [2.0] + [np.nan] * (N - 6))
+    assert np.isnan(reader.trajectories("r", "pix")[[0, 1, 2, 6]]).all()
     led.close()
 
 
