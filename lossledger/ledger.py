@@ -371,13 +371,14 @@ class Ledger:
         ``mean``, ``first``, ``last``, ``min``, ``max`` (float64, NaN for a sample never observed), ``n_obs``.
         ``dt``: Δt of a tick is 1 (``"epoch"``), its optimizer steps (``"step"``) or its seconds (``"wall"``).
         ``ticks``: a window (slice or indices) instead of every committed tick. Definitions:
-        :mod:`lossledger.scores`. Memory: two 32 MB slabs (one scored, the next being read) plus the result;
-        results over all ticks are cached in the ledger as parquet and recomputed when the run has new commits.
+        :mod:`lossledger.scores`. Memory: two 32 MB slabs (one scored, the next being read) and a block's state
+        while computing; the result is a memory-mapped Arrow file (RSS only for the pages touched). Results over
+        all ticks are cached in the ledger and recomputed when the run has new commits.
 
         ``engine="dask"`` computes the same table, bit for bit, on a Dask cluster: one task per sample block,
-        each worker reading that block's chunks from the ledger's path itself (which the workers must see).
-        ``client``: the ``distributed.Client`` to use; default the current one, else Dask's default scheduler.
-        Needs ``pip install "lossledger[dask]"``; shares the cache. See docs/scale-out.md.
+        each worker reading that block's chunks itself from the ledger's path or URL (which the workers must
+        reach). ``client``: the ``distributed.Client`` to use; default the current one, else Dask's default
+        scheduler. Needs ``pip install "lossledger[dask]"``; shares the cache. See docs/scale-out.md.
 
         >>> ledger.scores("r", engine="dask", client=distributed.Client(cluster))  # doctest: +SKIP
         """

@@ -271,6 +271,49 @@ def test_block_layout_is_the_local_scans_plan(tmp_path_factory, n, per_chunk, el
     assert slabs == plan
 
 
+@pytest.fixture(scope="module")
+def s3_options():
+    """A moto S3 server on a free port of 127.0.0.1 (which the workers reach too) with a bucket; fsspec options."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"},
+    }
+    import s3fs
+
+    s3fs.S3FileSystem(**options).call_s3("create_bucket", Bucket="ledgers")
+    yield options
+    server.stop()
+
+
+def test_workers_read_a_ledger_on_object_storage(client, s3_options, monkeypatch):
+    monkeypatch.setattr("lossledger.format.CHUNK_TARGET_BYTES", 1024)  # 256 samples a chunk: 2 blocks of 512
+    n, t = 600, 6
+    rng = np.random.default_rng(3)
+    url = "s3://ledgers/dask/d.ll"
+    led = ll.create(url, n_samples=n, storage_options=s3_options)
+    values = np.full((t, n), np.nan, np.float32)
+    with led.run("r") as run:
+        for tick in range(t):
+            ids = np.flatnonzero(rng.random(n) < 0.8)
+            values[tick, ids] = rng.exponential(1.0, ids.size).astype(np.float32)
+            run.log(ids, loss=values[tick, ids])
+            run.end_epoch()
+    reader = ll.open(url, storage_options=s3_options)
+    with get_task_stream(client) as tasks:
+        got = reader.scores("r", dt="step", engine="dask", client=client)
+    assert len(score_tasks(tasks)) == 2  # the workers fetched the chunks from the store themselves
+    assert_bit_equal(got, reader.scores("r", dt="step"))
+    want = reference(values, tick_dts(reader, "step"))
+    for name, column in want.items():
+        np.testing.assert_allclose(got[name].to_numpy(), column, rtol=1e-9, atol=1e-9, err_msg=name)
+
+
 def test_a_worker_that_sees_another_ledger_refuses(client, written, tmp_path):
     led, _ = written
     other = ll.create(tmp_path / "other.ll", n_samples=N)
