@@ -14,13 +14,14 @@ from ._version import __version__
 from .errors import LedgerError, LedgerWarning
 from .ledger import Ledger, create, open
 from .run import Run
-from .shards import ShardWriter as ShardWriter
+from .shards import ShardWriter
 
 __all__ = [
     "Ledger",
     "LedgerError",
     "LedgerWarning",
     "Run",
+    "ShardWriter",
     "__version__",
     "analysis",
     "create",
