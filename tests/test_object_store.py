@@ -81,6 +81,8 @@ def test_the_same_api_over_s3_gives_the_local_numbers(s3, url, tmp_path):
     assert reader.top(5, "r").equals(local.top(5, "r"))
     query = "SELECT sample_id, count(*) AS n, sum(value) AS s FROM losses GROUP BY ALL ORDER BY sample_id"
     assert reader.sql(query).equals(local.sql(query))
+    query = "SELECT run, stream, dt, sample_id, action, n_obs FROM scores WHERE dt <> 'wall' ORDER BY ALL"
+    assert reader.sql(query).equals(local.sql(query))
     want = np.where(LOGGED, LOSSES, np.nan).astype(np.float64)
     np.testing.assert_allclose(reader.scores("r")["action"].to_numpy(), np.nansum(want, axis=0), rtol=1e-12)
     out = reader.export(tmp_path / "scores.parquet", "r")
