@@ -33,7 +33,7 @@ from ._arrays import tick_positions
 from ._commit import read_run_attrs, read_ticks
 from ._remote import store_io
 from ._samples import Samples
-from ._scan import ChunkSource, _submit
+from ._scan import block_layout
 from ._scoring import (
     BATCH_ROWS,
     _CacheWriter,
@@ -49,7 +49,7 @@ from ._scoring import (
 from ._store import StoreIO
 from .errors import LedgerNotFoundError, MissingDependencyError, ShapeMismatchError
 from .format import stream_key
-from .scores import _BlockMoments, block_table, scores_schema, tick_durations
+from .scores import block_table, score_blocks, scores_schema, tick_durations
 
 Engine = Literal["local", "dask"]
 ENGINES: tuple[str, ...] = ("local", "dask")
@@ -94,18 +94,6 @@ def _is_client(client: object) -> bool:
     return isinstance(client, Client)
 
 
-def block_layout(n: int, per_chunk: int, element: tuple[int, ...], n_ticks: int, budget_bytes: int) -> tuple[int, int]:
-    """(samples per block, ticks per slab) of :func:`lossledger._scan.scan`'s plan, a pure function of the
-    stream's shape and the scan budget: blocks start at multiples of the first and slabs at multiples of the
-    second (the last of each clipped). Slab values are float32 whatever the stored dtype, hence 4 bytes."""
-    slab_bytes = max(1, budget_bytes // 2)
-    element_bytes = 4 * int(np.prod(element, dtype=np.int64))
-    chunks_per_block = max(1, slab_bytes // max(1, n_ticks * per_chunk * element_bytes))
-    width = min(n, chunks_per_block * per_chunk)
-    ticks_per_slab = int(max(1, min(n_ticks, slab_bytes // max(1, width * element_bytes))))
-    return width, ticks_per_slab
-
-
 @dataclass(frozen=True)
 class BlockJob:
     """What a task needs besides its sample rows; built once per call and shipped once to each worker."""
@@ -116,7 +104,7 @@ class BlockJob:
     stream: str
     tick_index: np.ndarray  # (n,) int64 positions of the scanned ticks, sorted, unique
     dts: np.ndarray  # (1, n) float64 Δt of those ticks
-    ticks_per_slab: int
+    budget_bytes: int  # the client's scan budget: the same blocks and slabs as its local engine
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options of a URL (credentials too)
 
 
@@ -124,23 +112,15 @@ def score_block(job: BlockJob, lo: int, hi: int) -> dict[str, np.ndarray]:
     """Per-sample statistics of sample rows ``lo..hi`` (one block of the local plan), as the local engine
     computes them: ``action`` (1, hi - lo), the others (hi - lo,). Runs on a worker.
 
-    Memory: one slab (at most half the scan budget, 32 MB, of float32), the block's state (~72 bytes per value
-    of the block) and the result (~64 bytes per sample).
+    Memory: the scan's two slabs (the client's scan budget, 64 MB, of float32), the block's state (~72 bytes
+    per value of the block) and the result (~64 bytes per sample).
     """
     io = store_io(job.location, read_only=True, storage_options=job.storage_options or None)
     _check_same_ledger(io, job)
-    source = ChunkSource(io.open_array(stream_key(job.run, job.stream)))
-    state = _BlockMoments((hi - lo, *source.element), job.dts.shape[0])
-    n_ticks = job.tick_index.size
-    spare: np.ndarray | None = None
-    for start in range(0, n_ticks, job.ticks_per_slab):
-        ticks = np.arange(start, min(n_ticks, start + job.ticks_per_slab))
-        values, futures = _submit(source, job.tick_index, (lo, hi, start, int(ticks[-1]) + 1), spare)
-        for future in futures:
-            future.result()
-        state.update(values, job.dts[:, ticks])  # indexed as score_blocks does: the same Δt arrays
-        spare = values.base
-    return state.per_sample()
+    array = io.open_array(stream_key(job.run, job.stream))
+    for _, _, stats in score_blocks(array, job.tick_index, job.dts, budget_bytes=job.budget_bytes, rows=(lo, hi)):
+        return stats
+    raise AssertionError(f"rows {lo}..{hi} hold no block")  # the client sends only blocks of the plan
 
 
 def _check_same_ledger(io: StoreIO, job: BlockJob) -> None:
@@ -190,7 +170,8 @@ def dask_scores(
     rows = read_ticks(io, run, commit)
     array = io.open_array(stream_key(run, stream))
     n, element = int(array.shape[1]), tuple(int(d) for d in array.shape[2:])
-    width, ticks_per_slab = block_layout(n, int(array.chunks[1]), element, tick_index.size, _scan.SCAN_BUDGET_BYTES)
+    budget = _scan.SCAN_BUDGET_BYTES
+    width, _ = block_layout(n, int(array.chunks[1]), element, tick_index.size, budget)
     job = BlockJob(
         location=os.path.abspath(io.root) if io.local else str(io.root),
         storage_options=dict(getattr(io, "storage_options", {})),
@@ -199,7 +180,7 @@ def dask_scores(
         stream=stream,
         tick_index=tick_index,
         dts=tick_durations(dt, rows["step"], rows["wall"])[tick_index][np.newaxis],
-        ticks_per_slab=ticks_per_slab,
+        budget_bytes=budget,
     )
     shared = dask.delayed(job)  # one graph key: sent to each worker once, not once per task
     starts = range(0, n, width)

@@ -169,9 +169,17 @@ def read_chunks(source: ChunkSource, keys: Iterable[tuple[int, int]]) -> Iterato
 
 
 def scan(
-    array: zarr.Array, tick_index: np.ndarray, *, budget_bytes: int | None = None, reuse: bool = False
+    array: zarr.Array,
+    tick_index: np.ndarray,
+    *,
+    budget_bytes: int | None = None,
+    reuse: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[Slab]:
     """Yield slabs of ``array`` (T, N, *element) at the ticks ``tick_index`` (sorted, unique), block by block.
+
+    ``rows``: only the blocks of sample rows ``lo..hi`` (``lo`` a block start of :func:`block_layout`; the Dask
+    engine scores one block per task), else all.
 
     Memory: two slabs (the one yielded and the next, read meanwhile), together at most
     ``max(budget_bytes, two chunk rows)`` bytes of float32 (default ``SCAN_BUDGET_BYTES``). A yielded slab's
@@ -180,20 +188,16 @@ def scan(
     fresh array, about a third of the time it takes to decode it).
     """
     budget_bytes = SCAN_BUDGET_BYTES if budget_bytes is None else budget_bytes
-    slab_bytes = max(1, budget_bytes // 2)
     source = ChunkSource(array)
-    n, per_chunk = source.n, source.per_chunk
-    element_bytes = 4 * int(np.prod(source.element, dtype=np.int64))
+    n = source.n
     n_ticks = int(tick_index.size)
     if n_ticks == 0 or n == 0:
         return
-    # As many whole chunks per block as fit with all ticks; if even one chunk does not, split the ticks.
-    chunks_per_block = max(1, slab_bytes // max(1, n_ticks * per_chunk * element_bytes))
-    width = min(n, chunks_per_block * per_chunk)
-    ticks_per_slab = int(max(1, min(n_ticks, slab_bytes // max(1, width * element_bytes))))
+    width, ticks_per_slab = block_layout(n, source.per_chunk, source.element, n_ticks, budget_bytes)
+    first, end = rows if rows is not None else (0, n)
     plan = [
         (lo, min(n, lo + width), start, min(n_ticks, start + ticks_per_slab))
-        for lo in range(0, n, width)
+        for lo in range(first, min(n, end), width)
         for start in range(0, n_ticks, ticks_per_slab)
     ]
     if not source.direct:
@@ -217,6 +221,20 @@ def scan(
     finally:
         for future in pending[1]:
             future.cancel()
+
+
+def block_layout(n: int, per_chunk: int, element: tuple[int, ...], n_ticks: int, budget_bytes: int) -> tuple[int, int]:
+    """(samples per block, ticks per slab) of :func:`scan`'s plan, a pure function of the stream's shape and the
+    scan budget (so the Dask engine's tasks score the same blocks and slabs): blocks start at multiples of the
+    first and slabs at multiples of the second (the last of each clipped). Slab values are float32 whatever
+    the stored dtype, hence 4 bytes. As many whole chunks per block as fit with all ticks; if even one chunk
+    does not, the ticks are split."""
+    slab_bytes = max(1, budget_bytes // 2)
+    element_bytes = 4 * int(np.prod(element, dtype=np.int64))
+    chunks_per_block = max(1, slab_bytes // max(1, n_ticks * per_chunk * element_bytes))
+    width = min(n, chunks_per_block * per_chunk)
+    ticks_per_slab = int(max(1, min(n_ticks, slab_bytes // max(1, width * element_bytes))))
+    return width, ticks_per_slab
 
 
 def _submit(

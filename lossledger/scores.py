@@ -200,9 +200,11 @@ def _patch(stats: tuple, bad: np.ndarray, x: np.ndarray, dts: np.ndarray, weight
 
 
 def score_blocks(
-    array, tick_index: np.ndarray, dts: np.ndarray, *, budget_bytes: int | None = None
+    array, tick_index: np.ndarray, dts: np.ndarray, *, budget_bytes: int | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-    """Yield ``(lo, hi, stats)`` per sample block of ``array`` over the ticks ``tick_index``.
+    """Yield ``(lo, hi, stats)`` per sample block of ``array`` over the ticks ``tick_index`` (only the blocks of
+    sample ``rows``, see :func:`lossledger._scan.scan`, when given).
 
     ``dts``: Δt of each tick in ``tick_index``, (n,) or (k, n) for k Δt series at once (one read of the data);
     ``stats["action"]`` is then (hi - lo,) or (k, hi - lo). Memory: the scan's slabs (``budget_bytes``,
@@ -212,7 +214,7 @@ def score_blocks(
     series = np.atleast_2d(np.asarray(dts, dtype=np.float64))
     state: _BlockMoments | None = None
     slab: Slab
-    for slab in scan(array, tick_index, budget_bytes=budget_bytes, reuse=True):  # update() keeps no view
+    for slab in scan(array, tick_index, budget_bytes=budget_bytes, reuse=True, rows=rows):  # update() keeps no view
         if slab.block_start:
             state = _BlockMoments(slab.values.shape[1:], series.shape[0])
         assert state is not None

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 import lossledger as ll
 from lossledger import errors as E
-from lossledger._dask_engine import BlockJob, block_layout, score_block
-from lossledger._scan import scan
+from lossledger._dask_engine import BlockJob, score_block
+from lossledger._scan import block_layout, scan
 
 N, T = 3000, 12
 #: Small chunks and scan budget (set in the client only: tasks get the resulting plan from it), so a call is
@@ -324,7 +324,7 @@ def test_a_worker_that_sees_another_ledger_refuses(client, written, tmp_path):
         stream="loss",
         tick_index=np.arange(T),
         dts=np.ones((1, T)),
-        ticks_per_slab=T,
+        budget_bytes=BUDGET,
     )
     with pytest.raises(E.LedgerNotFoundError, match="shared file system"):
         client.submit(score_block, job, 0, 10).result()  # raised on a worker, re-raised here
