@@ -99,6 +99,7 @@ class RemoteStoreIO(StoreIO):
         self.checksums = checksums
         self.storage_options = dict(storage_options or {})
         self.store = store  # type: ignore[assignment]
+        self.store_path: str = store.path  # "bucket/prefix" of the ledger, without the scheme
         self._folders = set()
         self._leases: dict[str, LeaseLock] = {}
 
@@ -147,13 +148,13 @@ class LeaseLock:
 
     def __init__(self, io: RemoteStoreIO, run: str) -> None:
         fs = getattr(io.store, "fs", None)
-        if not io.root.startswith("s3://") or fs is None or not hasattr(fs, "_call_s3"):
-            raise RunLockedError(
+        if not str(io.root).startswith("s3://") or fs is None or not hasattr(fs, "_call_s3"):
+            raise ReadOnlyError(
                 f"cannot write run {run!r} to {io.root}: a writer's lock needs conditional writes, implemented for "
                 "s3:// (s3fs) only; write the run to a local folder or an s3:// URL (reading works anywhere)"
             )
         self._fs, self._run = fs, run
-        self._bucket, _, prefix = f"{io.store.path}/{run_key(run)}/writer.lock".partition("/")
+        self._bucket, _, prefix = f"{io.store_path}/{run_key(run)}/writer.lock".partition("/")
         self._key = prefix
         self._where = io.root / run_key(run) / "writer.lock"
         self._body = json_bytes({"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex})

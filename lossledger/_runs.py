@@ -18,14 +18,14 @@ from ._commit import (
     write_run_attrs,
 )
 from ._samples import SampleIndex
-from ._store import RunLock, StoreIO
+from ._store import StoreIO, WriterLock
 from .errors import CorruptLedgerError, LedgerWarning
 from .format import TICK_COLUMNS, OnDuplicate, run_key, ticks_key
 from .run import Run, _Stream
 
 
 def open_writer(
-    io: StoreIO, index: SampleIndex, name: str, lock: RunLock, attrs: dict[str, Any], *,
+    io: StoreIO, index: SampleIndex, name: str, lock: WriterLock, attrs: dict[str, Any], *,
     on_duplicate: OnDuplicate, allow_nonfinite: bool, stream_dtypes: dict[str, str],
 ) -> Run:
     """The writer of run ``name`` (its ``lock`` held by the caller), created or resumed.

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import google_crc32c  # Zarr's own dependency, for its crc32c codec
 import numcodecs
@@ -181,7 +181,7 @@ class StoreIO:
         return removed
 
     # --- the run writer's lock --------------------------------------------------------------------------
-    def lock_run(self, run: str) -> RunLock:
+    def lock_run(self, run: str) -> WriterLock:
         """Take the exclusive lock of ``run``'s writer (:class:`RunLockedError` if another writer holds it)."""
         return RunLock(self.root / run_key(run) / "writer.lock", run)
 
@@ -308,6 +308,12 @@ def _alive(pid: int) -> bool:
 
 def _fill(value: Any) -> float:
     return float("nan") if value == "NaN" else value
+
+
+class WriterLock(Protocol):
+    """The lock a run's writer holds (:meth:`StoreIO.lock_run`): a :class:`RunLock`, or an object store's lease."""
+
+    def release(self) -> None: ...
 
 
 class RunLock:

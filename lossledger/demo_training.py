@@ -61,7 +61,7 @@ def load_data(dataset: str | Path | None = None, *, noise: float = 0.2, seed: in
     x = (x - x.min(axis=0)) / np.where(span > 0, span, 1.0)
     rng = np.random.default_rng(seed)
     n, n_classes = len(y), int(y.max()) + 1
-    split = np.where(rng.permutation(n) < int(round(0.8 * n)), "train", "val")
+    split = np.where(rng.permutation(n) < round(0.8 * n), "train", "val")
     flipped = (split == "train") & (rng.random(n) < noise)
     labels = y.copy()
     labels[flipped] = (y[flipped] + rng.integers(1, n_classes, int(flipped.sum()))) % n_classes

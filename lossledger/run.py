@@ -18,7 +18,7 @@ import numpy as np
 
 from ._arrays import as_ids, as_values
 from ._commit import now_iso, write_run_attrs
-from ._store import DEFAULT_COMPRESSOR, SCALAR_COMPRESSOR, ChunkEncoder, Payload, RunLock, StoreIO, json_bytes
+from ._store import DEFAULT_COMPRESSOR, SCALAR_COMPRESSOR, ChunkEncoder, Payload, StoreIO, WriterLock, json_bytes
 from .errors import (
     DuplicateSampleError,
     InvalidDTypeError,
@@ -96,7 +96,7 @@ class Run:
         io: StoreIO,
         name: str,
         index: SampleIndex,
-        lock: RunLock,
+        lock: WriterLock,
         attrs: dict[str, Any],
         ticks: dict[str, np.ndarray],
         flushed: int,

@@ -52,7 +52,7 @@ def detection_table(scores: Mapping[str, Any], positive: Any, *, k: int | None =
         s, pos = _pair(values, positive)
         kk = int(pos.sum()) if k is None else int(k)
         rows.append((name, auroc(s, pos), precision_at_k(s, pos, kk), kk, s.size))
-    columns = list(zip(*rows)) if rows else [[]] * 5
+    columns: list[tuple[Any, ...]] = list(zip(*rows)) if rows else [()] * 5
     return pa.table(
         {
             "score": pa.array(columns[0], pa.string()),
