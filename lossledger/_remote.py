@@ -27,7 +27,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from ._store import Data, Payload, StoreIO, json_bytes, write_pool
-from .errors import LedgerNotFoundError, MissingDependencyError, ReadOnlyError, RunLockedError
+from .errors import MissingDependencyError, ReadOnlyError, RunLockedError, ShapeMismatchError
 from .format import run_key
 
 _PROTO = default_buffer_prototype()
@@ -67,7 +67,7 @@ def store_io(
 def check_no_options(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> None:
     """Refuse ``storage_options`` for a local path (they would be silently ignored)."""
     if storage_options:
-        raise LedgerNotFoundError(
+        raise ShapeMismatchError(
             f"storage_options apply to URLs such as 's3://bucket/ledger.ll', not to the local path {str(path)!r}; "
             "drop them, or pass the ledger's URL"
         )
