@@ -355,3 +355,22 @@ def test_sample_index_checks_ids_a_chunk_at_a_time(monkeypatch):
     index = _samples.SampleIndex(swapped)
     assert not index._identity
     np.testing.assert_array_equal(index.rows(np.array([5, 6, 9])), [6, 5, 9])
+
+
+def test_blocks_stay_narrow_when_a_run_has_few_ticks(tmp_path, monkeypatch):
+    from lossledger import _scoring
+
+    monkeypatch.setattr("lossledger.format.CHUNK_TARGET_BYTES", 64)  # 16 samples per chunk
+    monkeypatch.setattr(_scoring, "BLOCK_VALUES", 40)  # blocks of at most 2 chunks
+    widths = []
+    real = _scoring.score_blocks
+
+    def recording(*args, **kwargs):
+        for lo, hi, stats in real(*args, **kwargs):
+            widths.append(hi - lo)
+            yield lo, hi, stats
+
+    monkeypatch.setattr(_scoring, "score_blocks", recording)
+    led, values = _filled(tmp_path / "f.ll", n=200, n_ticks=1)
+    _assert_reference(led.scores("r"), values)
+    assert max(widths) == 32 and sum(widths) == 200
