@@ -111,7 +111,8 @@ def stored_scores(
 
 
 def stored_scores_all(io: StoreIO, samples: Samples, run: str, stream: str) -> dict[str, ScoreFile]:
-    """:func:`stored_scores` over all ticks for every ``dt`` mode; the ones not cached are computed in one read."""
+    """The scores over all ticks of every ``dt`` mode (missing as null; ``path`` set where cached); the modes not
+    cached are computed in one read of the stream."""
     return _score_files(io, samples, run, stream, DT_MODES, None, True)
 
 
@@ -191,12 +192,13 @@ def _score_files(
     cache_it = cacheable and _writable(cache_path(io.root, run, stream, todo[0]).parent)
     if not cache_it and not compute_uncached:
         return out
-    writers = {
-        dt: _CacheWriter(cache_path(io.root, run, stream, dt), schema, stamp) if cache_it
-        else _scratch_writer(schema, io.root / "cache" if io.local else None)
-        for dt in todo
-    }
+    writers: dict[str, _FileWriter | _MemoryWriter] = {}
     try:
+        for dt in todo:
+            writers[dt] = (
+                _CacheWriter(cache_path(io.root, run, stream, dt), schema, stamp) if cache_it
+                else _scratch_writer(schema, io.root / "cache" if io.local else None)
+            )
         for per_dt in _engine(io, samples, run, stream, commit, todo, ticks):
             for dt, batch in zip(todo, per_dt):
                 writers[dt].write(batch)
