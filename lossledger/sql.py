@@ -6,7 +6,7 @@
 - ``ticks(run, tick, epoch, step, wall)``: committed ticks.
 - ``scores(run, stream, dt, sample_id, label, action, variance, mean, first, last, min, max, n_obs)``: the
   per-sample scores of every committed stream of every run, for each ``dt`` in epoch/step/wall
-  (computed on first use and read from the parquet cache after; see :meth:`Ledger.scores`). A sample never
+  (computed on first use and read from the score cache after; see :meth:`Ledger.scores`). A sample never
   observed has NULL scores here (NaN in :meth:`Ledger.scores`), so aggregates skip it.
 - ``losses(run, stream, tick, sample_id, value)``: every observed value of every scalar stream, one row each
   (unlogged NaNs are not rows), streamed lazily from the Zarr chunks at each scan (memory: a few chunks of
@@ -128,7 +128,7 @@ class LossesView(ds.InMemoryDataset):
         return self.scanner().to_reader().__arrow_c_stream__(requested_schema)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _losses_view_at, (str(self._ledger.path), self._condition)
+        return _losses_view_at, (str(self._ledger.path), self._ledger.storage_options, self._condition)
 
     # --- which chunks -----------------------------------------------------------------------------------
     def _plan(self, condition: pc.Expression | None) -> list[_Piece]:
@@ -275,10 +275,10 @@ class _Piece(NamedTuple):
                     yield int(tick), int(col)
 
 
-def _losses_view_at(path: str, condition: pc.Expression | None) -> LossesView:
+def _losses_view_at(path: str, storage_options: dict[str, Any], condition: pc.Expression | None) -> LossesView:
     from .ledger import open as open_ledger
 
-    return LossesView(open_ledger(path), condition)
+    return LossesView(open_ledger(path, storage_options=storage_options or None), condition)
 
 
 def _and(a: pc.Expression | None, b: pc.Expression | None) -> pc.Expression | None:
