@@ -16,7 +16,9 @@ elements observed at least once; ``n_obs`` is the most any element was observed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -41,6 +43,17 @@ def tick_durations(dt: str, step: np.ndarray, wall: np.ndarray) -> np.ndarray:
 #: Values per tile: statistics are reduced over ticks tile by tile (a few thousand samples wide), so that the
 #: float64 temporaries of a tile (8 bytes per value) stay in the CPU cache instead of streaming through memory.
 TILE_VALUES = 1 << 18
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
+
+
+def _kernel_pool() -> ThreadPoolExecutor:
+    """Threads that fold tiles (one per core; a forked child makes its own)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="lossledger-score"))
+    return _pool[1]
 
 
 class _BlockMoments:
@@ -69,7 +82,8 @@ class _BlockMoments:
         x = values.reshape(g, -1)
         weighted = [i for i in range(dts.shape[0]) if not np.all(dts[i] == 1.0)]  # the others are plain sums
         step = max(1, TILE_VALUES // max(1, g))
-        for c0 in range(0, x.shape[1], step):
+
+        def fold(c0: int) -> None:
             sl = slice(c0, min(x.shape[1], c0 + step))
             tile = x[:, sl]
             stats = _tile_stats(tile, dts, weighted)
@@ -77,6 +91,13 @@ class _BlockMoments:
             if bad.any():
                 stats = _patch(stats, bad, tile, dts, weighted)
             self._combine(sl, *stats)
+
+        starts = range(0, x.shape[1], step)
+        if len(starts) > 1:  # tiles own disjoint columns, and numpy releases the GIL: fold them on all cores
+            for _ in _kernel_pool().map(fold, starts):
+                pass
+        else:
+            fold(0)
         self.fresh = False
 
     def _combine(self, sl: slice, count, total, m2, action, first, last, lo, hi) -> None:
