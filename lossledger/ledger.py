@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -19,24 +17,22 @@ from ._commit import (
     DAMAGED,
     check_run,
     list_runs,
-    now_iso,
     read_run_attrs,
     read_stream_chunks,
     read_ticks,
     stream_meta,
 )
+from ._create import write_ledger
 from ._dask_engine import Engine, check_engine, dask_scores
-from ._remote import URL, check_no_options, is_url, store_io
+from ._remote import URL, store_io
 from ._runs import open_writer
-from ._samples import SampleIndex, Samples, build_samples, read_samples, write_samples
+from ._samples import SampleIndex, Samples, build_samples, read_samples
 from ._scoring import compute_scores
-from ._store import StoreIO, json_bytes
+from ._store import json_bytes
 from .errors import (
     CorruptLedgerError,
     FormatVersionError,
     InvalidDTypeError,
-    LedgerError,
-    LedgerExistsError,
     LedgerNotFoundError,
     NotALedgerError,
     ReadOnlyError,
@@ -89,82 +85,9 @@ def create(
     >>> ledger = create(tmp / "demo.ll", n_samples=4, labels=[0, 1, 1, 0], classes=["cat", "dog"])
     """
     samples = build_samples(sample_ids=sample_ids, n_samples=n_samples, labels=labels, classes=classes, splits=splits)
-    if is_url(path):
-        return _create_remote(URL(str(path)), samples, overwrite, storage_options)
-    check_no_options(path, storage_options)
-    target = Path(path)
-    existing = _existing(target, overwrite)
-    staging = target.with_name(f".{target.name}.creating-{uuid.uuid4().hex[:8]}")
-    try:
-        _write_new_ledger(StoreIO(staging, read_only=False), samples)
-        del samples  # the Ledger reads the ids back: one copy at a time (800 MB at 100M samples)
-        if existing:
-            trash = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
-            target.rename(trash)
-            staging.rename(target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return Ledger(target, mode="a")
-
-
-def _write_new_ledger(io: StoreIO, samples: Samples) -> None:
-    """Write a new ledger's nodes; the root group's metadata, which makes it a ledger, goes last."""
-    write_samples(io, samples)
-    io.create_group("runs")
-    io.create_group("", {"format": FORMAT_NAME, "version": FORMAT_VERSION, "created": now_iso()})
-
-
-def _create_remote(url: URL, samples: Samples, overwrite: bool, storage_options: Mapping[str, Any] | None) -> Ledger:
-    io = store_io(url, read_only=False, storage_options=storage_options)
-    if io.list_dir(""):
-        if _ledger_format(io) != FORMAT_NAME:
-            raise LedgerExistsError(
-                f"{url} already holds objects and is not a ledger; lossledger never deletes other files: choose "
-                "another URL"
-            )
-        if not overwrite:
-            raise LedgerExistsError(
-                f"a ledger already exists at {url}; open it with lossledger.open({str(url)!r}, mode='a'), or pass "
-                "overwrite=True to replace it"
-            )
-        io.delete_many(["zarr.json"])  # first: a ledger half deleted is then no ledger, never a damaged one
-        io.delete_dir("")
-    _write_new_ledger(io, samples)
-    del samples
-    return Ledger(url, mode="a", storage_options=storage_options)
-
-
-def _existing(target: Path, overwrite: bool) -> bool:
-    """Whether a ledger is at ``target`` that may be replaced; raise if the path cannot be created."""
-    if not target.exists():
-        if not target.parent.is_dir():
-            raise LedgerNotFoundError(f"cannot create {target}: folder {target.parent} does not exist; create it first")
-        return False
-    if target.is_dir() and not any(target.iterdir()):
-        target.rmdir()
-        return False
-    if not target.is_dir() or _ledger_format(StoreIO(target, read_only=True)) != FORMAT_NAME:
-        raise LedgerExistsError(
-            f"{target} already exists and is not a ledger; lossledger never deletes other files: choose another path"
-        )
-    if not overwrite:
-        raise LedgerExistsError(
-            f"a ledger already exists at {target}; open it with lossledger.open({str(target)!r}, mode='a'), "
-            "or pass overwrite=True to replace it"
-        )
-    return True
-
-
-def _ledger_format(io: StoreIO) -> Any:
-    """The ``format`` attribute of the root group at ``io`` (None when there is none or it is unreadable)."""
-    try:
-        return (io.group_attrs("") or {}).get("format")
-    except LedgerError:
-        return None
+    where = write_ledger(path, samples, overwrite=overwrite, storage_options=storage_options)
+    del samples  # the Ledger reads the ids back: one copy at a time (800 MB at 100M samples)
+    return Ledger(where, mode="a", storage_options=storage_options)
 
 
 def open(
