@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import os
 import socket
 import threading
@@ -27,7 +28,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from ._store import Data, Payload, StoreIO, json_bytes, write_pool
-from .errors import MissingDependencyError, ReadOnlyError, RunLockedError, ShapeMismatchError
+from .errors import CorruptLedgerError, MissingDependencyError, ReadOnlyError, RunLockedError, ShapeMismatchError
 from .format import run_key
 
 _PROTO = default_buffer_prototype()
@@ -147,15 +148,8 @@ class LeaseLock:
     """
 
     def __init__(self, io: RemoteStoreIO, run: str) -> None:
-        fs = getattr(io.store, "fs", None)
-        if not str(io.root).startswith("s3://") or fs is None or not hasattr(fs, "_call_s3"):
-            raise ReadOnlyError(
-                f"cannot write run {run!r} to {io.root}: a writer's lock needs conditional writes, implemented for "
-                "s3:// (s3fs) only; write the run to a local folder or an s3:// URL (reading works anywhere)"
-            )
-        self._fs, self._run = fs, run
-        self._bucket, _, prefix = f"{io.store_path}/{run_key(run)}/writer.lock".partition("/")
-        self._key = prefix
+        self._fs, self._run = _s3_fs(io, run), run
+        self._bucket, self._key = _lease_key(io, run)
         self._where = io.root / run_key(run) / "writer.lock"
         self._body = json_bytes({"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex})
         self._etag = self._acquire()
@@ -176,8 +170,7 @@ class LeaseLock:
             head = self._s3("head_object")
         except FileNotFoundError:  # released meanwhile: try once more
             return self._s3("put_object", Body=self._body, IfNoneMatch="*")["ETag"]
-        now = email.utils.parsedate_to_datetime(head["ResponseMetadata"]["HTTPHeaders"]["date"])
-        age = (now - head["LastModified"]).total_seconds()
+        age = _age_s(head)
         if age < LEASE_SECONDS:
             raise RunLockedError(
                 f"run {self._run!r} is being written by another writer (lock {self._where}, renewed {age:.0f} s "
@@ -224,3 +217,49 @@ class LeaseLock:
             self._lost = "released"
 
 
+def read_lease(io: RemoteStoreIO, run: str) -> dict[str, Any] | None:
+    """The lease of ``run``'s writer as stored (``host``, ``pid``, ``token``), plus ``age_s``: seconds since its
+    last renewal by the store's clock (a lease at least ``LEASE_SECONDS`` old belongs to a writer that is gone).
+    None while no writer holds the run. One GET of a small object."""
+    fs = _s3_fs(io, run)
+    bucket, key = _lease_key(io, run)
+
+    async def get() -> tuple[dict[str, Any], bytes]:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        async with response["Body"] as body:
+            return response, await body.read()
+
+    try:
+        response, data = sync(get())
+    except FileNotFoundError:
+        return None
+    try:
+        lease = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptLedgerError(f"{io.root / run_key(run) / 'writer.lock'} is not a writer's lease ({err})") from err
+    if not isinstance(lease, dict) or not isinstance(lease.get("token"), str):
+        raise CorruptLedgerError(f"{io.root / run_key(run) / 'writer.lock'} is not a writer's lease (no token)")
+    return {**lease, "age_s": _age_s(response)}
+
+
+def _s3_fs(io: RemoteStoreIO, run: str) -> Any:
+    """The s3fs file system of ``io``, whose ``_call_s3`` makes the conditional requests of a run's lease."""
+    fs = getattr(io.store, "fs", None)
+    if not str(io.root).startswith("s3://") or fs is None or not hasattr(fs, "_call_s3"):
+        raise ReadOnlyError(
+            f"cannot write run {run!r} to {io.root}: a writer's lock needs conditional writes, implemented for "
+            "s3:// (s3fs) only; write the run to a local folder or an s3:// URL (reading works anywhere)"
+        )
+    return fs
+
+
+def _lease_key(io: RemoteStoreIO, run: str) -> tuple[str, str]:
+    """The bucket and key of ``run``'s lease object."""
+    bucket, _, key = f"{io.store_path}/{run_key(run)}/writer.lock".partition("/")
+    return bucket, key
+
+
+def _age_s(response: Mapping[str, Any]) -> float:
+    """Seconds between an object's last write and the store's ``Date`` of the ``response`` that describes it."""
+    now = email.utils.parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+    return float((now - response["LastModified"]).total_seconds())
