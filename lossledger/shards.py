@@ -16,6 +16,12 @@ Until step 3 the chunks are invisible to readers (they read only ticks below the
 run's writer dies before it, the next writer's recovery deletes them. A shard writer refuses a tick other than the
 open one, a run that no writer holds, and a run whose writer changed since the shard writer was opened (a process
 left over from a failed job); it holds no lock and writes nothing but chunk files.
+
+It checks the run's writer before every write: on a local disk by the writer's lock file (a shared ``flock`` fails
+exactly while the writer holds it; the pid in it tells writers apart), on ``s3://`` by the writer's lease object
+(``runs/<run>/writer.lock``: it exists while a writer holds the run, and its random ``token`` tells writers apart; a
+lease not renewed for ``LEASE_SECONDS`` belongs to a writer that is gone). Chunks go through the ledger's store: temp
+file + rename locally, one atomic PUT per chunk on an object store.
 """
 
 from __future__ import annotations
@@ -23,14 +29,17 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import _remote
 from ._arrays import as_ids, as_values
 from ._commit import array_meta, read_run_attrs
+from ._remote import RemoteStoreIO, is_url, read_lease, store_io
 from ._samples import SampleIndex
 from ._store import ChunkEncoder, Payload, StoreIO
 from .errors import (
@@ -52,13 +61,16 @@ _PID_WAIT_S = 2.0
 class ShardWriter:
     """Writes whole chunks of the declared streams of run ``run`` in the ledger at ``path``, for the open tick.
 
+    ``path``: the ledger's folder, or its ``s3://`` URL with fsspec ``storage_options`` (as in :func:`lossledger.open`).
+
     Open one per process (rank) after the run's writer has declared the streams (:meth:`lossledger.Run.
     declare_stream`); :meth:`write` then writes the chunks holding the given samples, which the run's writer's next
     ``end_epoch`` commits. It reads the ledger's metadata and takes no lock. ``allow_nonfinite`` as in
     :meth:`lossledger.Ledger.run` (NaN marks ignored elements of element streams anyway; inf is refused without it).
 
     Memory: the ledger's sample ids and their index (O(N)), one flag per sample and stream (the samples written in
-    the open tick), and the chunks of one call.
+    the open tick), and the chunks of one call. Requests per :meth:`write` on an object store: two GETs of small
+    objects (the commit record and the writer's lease) and one PUT per chunk.
 
     Example (every rank; the run's writer is open in rank 0 and declared ``pixel``)::
 
@@ -69,21 +81,30 @@ class ShardWriter:
         # barrier; rank 0: run.end_epoch(); barrier; next tick
     """
 
-    def __init__(self, path: str | os.PathLike[str], run: str, *, allow_nonfinite: bool = False) -> None:
-        if "://" in str(path):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        run: str,
+        *,
+        allow_nonfinite: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if is_url(path) and not str(path).startswith("s3://"):
             raise ReadOnlyError(
-                f"shard writers write local ledgers only (they check the run's writer by its lock file), not "
-                f"{path}; keep the ledger on a (shared) file system, or let the run's writer log every value"
+                f"shard writers write ledgers in a local folder or on s3:// only (they check the run's writer by its "
+                f"lock file or its S3 lease), not {path}; or let the run's writer log every value"
             )
         # The read-only Ledger checks the format and reads the sample ids; chunks go through a writable StoreIO.
-        self._sample_ids = Ledger(Path(path), mode="r").sample_ids  # (N,) int64, row order
+        ledger = Ledger(path, mode="r", storage_options=storage_options)
+        self._sample_ids = ledger.sample_ids  # (N,) int64, row order
         self._index = SampleIndex(self._sample_ids)
-        self.path = Path(path)
+        self.path: Path | str = ledger.path
+        self.storage_options = ledger.storage_options
         self.run = check_run_name(run)
-        self._io = StoreIO(self.path, read_only=False)
+        self._io: StoreIO = store_io(self.path, read_only=False, storage_options=storage_options)
         self._allow_nonfinite = allow_nonfinite
         read_run_attrs(self._io, run)  # raises UnknownRunError if there is no such run
-        self._writer = _wait_for_writer(self.path, run)
+        self._writer = _wait_for_writer(self._io, run)  # (identity, words for messages)
         self._metas: dict[str, dict[str, Any]] = {}
         self._tick: int | None = None  # the tick of the flags below
         self._written: dict[str, np.ndarray] = {}  # stream -> (N,) bool, samples written in self._tick
@@ -144,7 +165,7 @@ class ShardWriter:
         return len(keys)
 
     def __repr__(self) -> str:
-        return f"<lossledger.ShardWriter run={self.run!r} ledger={str(self.path)!r} writer_pid={self._writer}>"
+        return f"<lossledger.ShardWriter run={self.run!r} ledger={str(self.path)!r} writer={self._writer[1]!r}>"
 
     # --- checks ---------------------------------------------------------------------------------------
     def _check_tick(self, tick: Any) -> None:
@@ -160,16 +181,16 @@ class ShardWriter:
             )
 
     def _check_writer(self) -> None:
-        pid = _writer_pid(self.path, self.run)
-        if pid is None:
+        holder = _holder(self._io, self.run)
+        if holder is None:
             raise RunClosedError(
                 f"no writer holds run {self.run!r}: chunks written now would be removed when it next opens; open "
                 "the run (ledger.run(name)) in one process first, then write"
             )
-        if pid != self._writer:
+        if holder[0] != self._writer[0]:
             raise RunLockedError(
-                f"run {self.run!r} is now held by another writer (pid {pid}) than when this shard writer was opened "
-                f"(pid {self._writer}): this process is left over from a stopped job; open a new ShardWriter"
+                f"run {self.run!r} is now held by another writer ({holder[1]}) than when this shard writer was opened "
+                f"({self._writer[1]}): this process is left over from a stopped job; open a new ShardWriter"
             )
 
     def _meta(self, name: str, tick: int) -> dict[str, Any]:
@@ -241,6 +262,18 @@ class ShardWriter:
         }
 
 
+def _holder(io: StoreIO, run: str) -> tuple[int | str, str] | None:
+    """Who holds ``run``'s writer lock now, None while nobody does: an identity that differs between writers (a local
+    writer's pid, 0 if not yet written; an S3 lease's token) and words naming it in messages."""
+    if not isinstance(io, RemoteStoreIO):
+        pid = _writer_pid(io.root, run)
+        return None if pid is None else (pid, f"pid {pid}")
+    lease = read_lease(io, run)
+    if lease is None or lease["age_s"] >= _remote.LEASE_SECONDS:  # an expired lease: its writer is gone
+        return None
+    return lease["token"], f"pid {lease.get('pid')} on {lease.get('host')}"
+
+
 def _writer_pid(root: Path, run: str) -> int | None:
     """The pid in the run's lock file while a writer holds the lock, None while none does (0 if not yet written).
 
@@ -263,16 +296,17 @@ def _writer_pid(root: Path, run: str) -> int | None:
         os.close(fd)
 
 
-def _wait_for_writer(root: Path, run: str) -> int:
-    """The pid of the run's writer, waiting briefly for one that has just taken the lock to write it."""
+def _wait_for_writer(io: StoreIO, run: str) -> tuple[int | str, str]:
+    """The holder of the run's lock (:func:`_holder`), waiting briefly for a local writer that has just taken the
+    lock to write its pid there (an S3 lease is written whole, with its token)."""
     deadline = time.monotonic() + _PID_WAIT_S
     while True:
-        pid = _writer_pid(root, run)
-        if pid is None:
+        holder = _holder(io, run)
+        if holder is None:
             raise RunClosedError(
-                f"no writer holds run {run!r} in {root}; open the run (ledger.run(name)) in one process, declare "
+                f"no writer holds run {run!r} in {io.root}; open the run (ledger.run(name)) in one process, declare "
                 "its sharded streams, then open the shard writers"
             )
-        if pid or time.monotonic() > deadline:
-            return pid
+        if holder[0] or time.monotonic() > deadline:
+            return holder
         time.sleep(0.01)

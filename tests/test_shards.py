@@ -203,8 +203,8 @@ def test_bad_writes_are_refused_and_write_nothing(ledger, store_files):
         shards.write(2, [0], pix=maps[:1])
     with pytest.raises(RunClosedError, match="no writer holds"):
         ShardWriter(ledger.path, "r")
-    with pytest.raises(ReadOnlyError, match="local ledgers only"):
-        ShardWriter("s3://bucket/t.ll", "r")  # refused before anything is contacted
+    with pytest.raises(ReadOnlyError, match="local folder or on s3:// only"):
+        ShardWriter("gs://bucket/t.ll", "r")  # refused before anything is contacted (s3://: test_object_store.py)
     reader = ll.open(ledger.path)
     assert np.isnan(reader.trajectories("r", "pix")[:, 0]).all()  # declared at tick 1: NaN before
     np.testing.assert_array_equal(reader.trajectories("r", "pix", ids=[5])[0, 1], [[np.nan, 1], [2, 3]])
