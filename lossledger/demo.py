@@ -15,12 +15,24 @@ import pyarrow as pa
 
 from . import dynamics
 from ._render import render_text
-from .analysis import detection_table, flag_noisy, memorization_window
+from .analysis import (
+    accuracy_vs_threshold,
+    detection_table,
+    entropy_vs_action,
+    flag_noisy,
+    memorization_window,
+    neighbours,
+)
 from .demo_training import DemoData, load_data, progress_bar, train
 from .ledger import Ledger
 from .report import write_report
 
 RUN = "mlp-s0"
+#: The streams of one value per sample, exported to scores.parquet (probs and embedding are vectors).
+SCALAR_STREAMS = ["loss", "prob", "margin", "correct"]
+#: Neighbours per hard sample, and the validation thresholds on a normalized score, in the summary.
+K_NEIGHBOURS = 8
+THRESHOLDS = [0.25, 0.5, 0.75, 1.0]
 
 
 def run_demo(
@@ -46,8 +58,8 @@ def run_demo(
     print(f"\nmemorization window: ticks {window.start}..{window.stop - 1} (chosen by {window.method})", file=stdout)
     scores = ledger.scores(RUN, ticks=window.ticks)
     train_rows = data.split == "train"
-    _section(stdout, "10 hardest training samples (action over the window)",
-             _ranked(scores, data, train_rows, hardest=True))
+    hardest = _ranked(scores, data, train_rows, hardest=True)
+    _section(stdout, "10 hardest training samples (action over the window)", hardest)
     _section(stdout, "10 easiest training samples", _ranked(scores, data, train_rows, hardest=False))
     _section(stdout, "mean action per class (training samples, assigned label)", _per_class(ledger, scores, train_rows))
     table = detection(ledger, data, window.ticks)
@@ -58,7 +70,9 @@ def run_demo(
     print(f"\nflag_noisy (two-component mixture on log-action, threshold {noisy.threshold:.4g}): flagged "
           f"{int(flagged.sum())}, of which {hits} flipped (precision {hits / max(int(flagged.sum()), 1):.2f}, "
           f"recall {hits / max(int(data.flipped.sum()), 1):.2f})", file=stdout)
-    parquet = ledger.export(out / "scores.parquet", [RUN])
+    _uncertainty(stdout, ledger, data, window.ticks)
+    _neighbours(stdout, ledger, data, hardest["sample_id"].to_numpy())
+    parquet = ledger.export(out / "scores.parquet", [RUN], streams=SCALAR_STREAMS)
     report = write_report(ledger, out / "report.html", run=RUN, images=_images(dataset))
     print(f"\nwrote {parquet}\nwrote {report}", file=stdout)
     return table
@@ -102,6 +116,51 @@ def detection(ledger: Ledger, data: DemoData, window: slice) -> pa.Table:
         },
         flipped,
     )
+
+
+def _uncertainty(stdout: TextIO, ledger: Ledger, data: DemoData, window: slice) -> None:
+    """Print the regions of action vs entropy (training samples, how many flipped) and the validation accuracy
+    of the samples kept by a threshold on normalized action or entropy; both read ``probs`` from the ledger."""
+    joint = entropy_vs_action(ledger, [RUN], split="train", ticks=window)
+    ids = joint["sample_id"].to_numpy()
+    region = np.array(joint["region"].fill_null("neither").to_pylist())
+    names = ["high action, low entropy", "low action, high entropy", "neither"]
+    counts = pa.table({
+        "region": names,
+        "n": [int((region == name).sum()) for name in names],
+        "flipped": [int(data.flipped[ledger._index.rows(ids[region == name])].sum()) for name in names],
+    })
+    _section(stdout, "action (window) vs entropy of the last epoch's class probabilities (nats), training samples; "
+             "high = top 10%, low = below the median", counts)
+    curves = accuracy_vs_threshold(ledger, [RUN], split="val", thresholds=THRESHOLDS, by=("action", "entropy"),
+                                   ticks=window)
+    _section(stdout, "validation accuracy at the last epoch of the samples whose normalized score is <= threshold",
+             curves.select(["by", "threshold", "accuracy_mean", "n"]).rename_columns(
+                 ["by", "threshold", "accuracy", "n"]))
+
+
+def _neighbours(stdout: TextIO, ledger: Ledger, data: DemoData, ids: np.ndarray) -> None:
+    """Print the labels of the nearest neighbours of ``ids`` in the logged ``embedding`` (last epoch)."""
+    table = neighbours(ledger, RUN, ids=ids, k=K_NEIGHBOURS)
+    query = table["query_id"].to_numpy()
+    found = table["neighbour_label"].to_numpy()
+    distance = table["distance"].to_numpy()
+    rows = ledger._index.rows(ids)
+    labels = [found[query == i] for i in ids]
+    majority = np.array([np.bincount(x, minlength=len(data.classes)).argmax() if x.size else -1 for x in labels])
+    summary = pa.table({
+        "sample_id": pa.array(ids),
+        "label": pa.array(data.labels[rows]),
+        "true_label": pa.array(data.true[rows]),
+        "flipped": pa.array(data.flipped[rows]),
+        "neighbour_labels": [" ".join(str(v) for v in x) for x in labels],
+        "majority": pa.array(majority),
+        "mean_distance": pa.array([float(distance[query == i].mean()) if (query == i).any() else np.nan for i in ids]),
+    })
+    _section(stdout, f"labels of the {K_NEIGHBOURS} nearest neighbours of the 10 hardest (Euclidean, in the last "
+             "hidden layer at the last epoch)", summary)
+    print(f"the neighbours' majority label is the true label for {int((majority == data.true[rows]).sum())} of "
+          f"{ids.size}, the assigned label for {int((majority == data.labels[rows]).sum())}", file=stdout)
 
 
 def _ranked(scores: pa.Table, data: DemoData, rows: np.ndarray, *, hardest: bool) -> pa.Table:
