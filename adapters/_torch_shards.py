@@ -5,7 +5,8 @@ Nothing of these streams is gathered: each rank encodes and writes the chunks of
 open tick ``t``:
 
 - the recorder's construction (a collective): rank 0 declares the streams in its run and broadcasts where the
-  run is and its open tick; every rank opens its shard writer;
+  run is (a folder, or an ``s3://`` URL and its storage options) and its open tick; every rank opens its shard
+  writer;
 - during the epoch each rank writes tick ``t``'s chunks of the samples it logged, leaving out the samples its
   ``DistributedSampler`` repeats only to pad the ranks (another rank holds the original);
 - ``end_epoch``: every rank finishes its writes and all exchange their status (a collective, so also the barrier);
@@ -45,7 +46,9 @@ def open_sharded(
         try:
             for name, shape in shapes.items():
                 run.declare_stream(name, tuple(shape))
-            where = (str(run.ledger_path), run.name, run.ticks, run.allow_nonfinite)
+            # An object store's options travel with its URL (Run has no public accessor for them).
+            options = getattr(run._io, "storage_options", None) or None
+            where = (str(run.ledger_path), run.name, run.ticks, run.allow_nonfinite, options)
         except Exception as err:
             if distributed:  # the other ranks must learn of it, or they would wait in the broadcast forever
                 broadcast_from_first(f"{type(err).__name__}: {err}", group)
@@ -71,12 +74,18 @@ class ShardedStreams:
     """
 
     def __init__(
-        self, where: tuple[str, str, int, bool], names: frozenset[str], *, group: Any, distributed: bool, sampler: Any
+        self,
+        where: tuple[str, str, int, bool, dict[str, Any] | None],
+        names: frozenset[str],
+        *,
+        group: Any,
+        distributed: bool,
+        sampler: Any,
     ) -> None:
-        path, run_name, self.tick, allow_nonfinite = where
+        path, run_name, self.tick, allow_nonfinite, options = where
         self.names = names
         self._group, self._distributed, self._sampler = group, distributed, sampler
-        self._writer = ShardWriter(path, run_name, allow_nonfinite=allow_nonfinite)
+        self._writer = ShardWriter(path, run_name, allow_nonfinite=allow_nonfinite, storage_options=options)
         self._queue: deque[tuple[Entry, np.ndarray | None]] = deque()  # logged values and the ids to leave out
         self._jobs: deque[Future[int]] = deque()  # writes handed to the thread, oldest first (done in that order)
         self._error: BaseException | None = None  # the first write of the open tick that failed

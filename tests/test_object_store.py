@@ -192,3 +192,122 @@ def test_a_flipped_bit_on_s3_is_detected(s3, url):
     fs.pipe(key, bytes(data))
     with pytest.raises(CorruptLedgerError, match="crc32c"):
         ll.open(url, storage_options=s3).scores("r")
+
+
+SHARD_WRITER = textwrap.dedent("""
+    import sys, json, numpy as np
+    from lossledger.shards import ShardWriter
+    url, options, me = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    shards = ShardWriter(url, "r", storage_options=options)
+    print("open", flush=True)
+    for line in sys.stdin:                  # a tick to write, once the run's writer has committed the one before
+        t = int(line)
+        ids = np.flatnonzero((np.arange(40) + t) % 2 == me)  # this process's samples of tick t
+        for batch in np.array_split(ids, 2):
+            shards.write(t, batch, pix=batch[:, None, None] * 100.0 + t + np.arange(6).reshape(3, 2) / 8)
+        print(t, flush=True)
+""")
+
+
+def shard_maps(t: int, ids) -> np.ndarray:
+    """The maps SHARD_WRITER writes for ``ids`` at tick ``t`` (exact in float32)."""
+    ids = np.asarray(ids)
+    return (ids[:, None, None] * 100.0 + t + np.arange(6).reshape(3, 2) / 8).astype(np.float32)
+
+
+def test_shard_writer_processes_write_disjoint_samples_on_s3_that_the_writer_commits(s3, url, monkeypatch):
+    import s3fs
+
+    from lossledger.shards import ShardWriter
+
+    fs, n, ticks = s3fs.S3FileSystem(**s3), 40, 4
+    chunks = f"{url[5:]}/runs/r/streams/pix/c"
+    run = ll.create(url, n_samples=n, storage_options=s3).run("r")
+    run.declare_stream("pix", (3, 2))
+    children = [
+        subprocess.Popen([sys.executable, "-c", SHARD_WRITER, url, json.dumps(s3), str(me)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for me in (0, 1)
+    ]
+    reader = ll.open(url, storage_options=s3)
+    try:
+        assert [c.stdout.readline().strip() for c in children] == ["open", "open"]
+        for t in range(ticks):
+            for child in children:
+                child.stdin.write(f"{t}\n")
+                child.stdin.flush()
+            assert [c.stdout.readline().strip() for c in children] == [str(t)] * 2
+            assert len(fs.ls(f"{chunks}/{t}", refresh=True)) == n  # one chunk object per sample
+            assert reader.ticks("r").num_rows == t  # written, not committed: invisible
+            assert run.end_epoch() == t
+    finally:
+        for child in children:
+            child.stdin.close()
+            child.wait(timeout=30)
+    assert [c.returncode for c in children] == [0, 0]
+    want = np.stack([shard_maps(t, np.arange(n)) for t in range(ticks)], axis=1)
+    np.testing.assert_array_equal(reader.trajectories("r", "pix"), want)
+
+    shards = ShardWriter(url, "r", storage_options=s3)
+    assert shards.open_tick() == ticks and "pid" in repr(shards)
+    with pytest.raises(ll.errors.RunClosedError, match="already committed"):
+        shards.write(ticks - 1, [0], pix=shard_maps(ticks - 1, [0]))
+    with pytest.raises(ll.errors.RunClosedError, match="not open yet"):
+        shards.write(ticks + 1, [0], pix=shard_maps(ticks + 1, [0]))
+    assert shards.write(ticks, [0, 1, 2], pix=shard_maps(ticks, [0, 1, 2])) == 3
+    assert shards.discard() == 3 and not fs.exists(f"{chunks}/{ticks}/0/0/0")
+    shards.write(ticks, [0, 1, 2], pix=shard_maps(ticks, [0, 1, 2]))
+    run.close()  # without committing the open tick: its shard chunks are garbage
+    assert reader.trajectories("r", "pix").shape == (n, ticks, 3, 2)
+    with pytest.raises(ll.errors.RunClosedError, match="no writer holds"):
+        shards.write(ticks, [3], pix=shard_maps(ticks, [3]))
+    with pytest.raises(ll.errors.RunClosedError, match="no writer holds"):
+        ShardWriter(url, "r", storage_options=s3)
+    with pytest.warns(ll.errors.LedgerWarning, match="leftover"):
+        run = ll.open(url, "a", storage_options=s3).run("r")
+    assert not fs.exists(f"{chunks}/{ticks}/0/0/0")  # removed on resume
+    with pytest.raises(RunLockedError, match="left over from a stopped job"):  # a shard writer of the old writer
+        shards.write(ticks, [3], pix=shard_maps(ticks, [3]))
+    fresh = ShardWriter(url, "r", storage_options=s3)
+    fresh.write(ticks, [3], pix=shard_maps(ticks, [3]))
+    assert run.end_epoch() == ticks
+    stored = ll.open(url, storage_options=s3).trajectories("r", "pix")[:, ticks]
+    assert np.isnan(stored[[0, 1, 2, *range(4, n)]]).all()  # the chunks of the closed writer's tick are gone
+    np.testing.assert_array_equal(stored[3], shard_maps(ticks, [3])[0])
+    # A writer that stops renewing its lease (killed) holds the run no longer once the lease is over.
+    monkeypatch.setattr(lossledger._remote, "LEASE_SECONDS", 2.0)
+    run._lock._stop.set()
+    time.sleep(2.5)
+    with pytest.raises(ll.errors.RunClosedError, match="no writer holds"):
+        fresh.write(ticks + 1, [3], pix=shard_maps(ticks + 1, [3]))
+    run.close()
+
+
+def test_shard_writers_on_s3_write_the_bytes_the_run_writer_writes(s3, url):
+    from lossledger.shards import ShardWriter
+
+    ledger = create(url, **s3)
+    with ledger.run("a") as run:
+        run.log(ledger.sample_ids, pix=PIXELS[0])
+        run.end_epoch()
+    with ledger.run("b") as run:
+        run.declare_stream("pix", (3, 2), samples_per_chunk=N)
+        ShardWriter(url, "b", storage_options=s3).write(0, ledger.sample_ids[::-1], pix=PIXELS[0, ::-1])
+        run.end_epoch()
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3)
+    assert fs.cat(f"{url[5:]}/runs/b/streams/pix/c/0/0/0/0") == fs.cat(f"{url[5:]}/runs/a/streams/pix/c/0/0/0/0")
+
+
+def test_the_torch_recorders_pixel_streams_write_an_s3_ledger(s3, url):
+    torch = pytest.importorskip("torch")
+    from lossledger.adapters.torch import Recorder
+
+    ledger = ll.create(url, n_samples=12, storage_options=s3)
+    maps = torch.arange(12 * 6, dtype=torch.float32).reshape(12, 3, 2)
+    with ledger.run("r") as run, Recorder(run, pixel_streams={"pix": (3, 2)}, distributed=False) as rec:
+        for batch in torch.arange(12).split(5):
+            rec.log(batch, maps[batch].mean((1, 2)), pix=maps[batch])
+        assert rec.end_epoch() == 0
+    np.testing.assert_array_equal(ll.open(url, storage_options=s3).trajectories("r", "pix")[:, 0], maps.numpy())
