@@ -333,3 +333,93 @@ def test_discard_drops_the_tick_and_the_streams_first_logged_in_it(ledger):
     assert reader.streams("r")["stream"].to_pylist() == ["loss"]
     np.testing.assert_array_equal(reader.trajectories("r", ids=[2, 3, 4])[:, 1], [np.nan, np.nan, 6.0])
     assert reader.ticks("r")["step"].to_pylist() == [1, 2]  # the discarded log calls are no steps
+
+
+def _float16_edge_values(rng, size):
+    """float32 values a float16 cast must get right: ties between float16 neighbours, subnormals, the largest
+    float16 and values that round to it, signed zeros, NaN, and plain losses."""
+    step = np.float32(2.0**-10)
+    ties = (1 + step * (np.arange(64, dtype=np.float32) + 0.5)).astype(np.float32)  # halfway: round to even
+    special = np.array([0.0, -0.0, 65504.0, -65504.0, 65503.9, 65488.1, 6.1e-5, 5.96e-8, 2.9e-8, 3e-8, -1e-7,
+                        np.nan, 1e-30, 0.1, 1000.0], np.float32)
+    edges = np.concatenate([ties, -ties * 1024, special, rng.uniform(0, 1e-4, 256).astype(np.float32)])
+    values = rng.exponential(0.2, size).astype(np.float32)
+    values[rng.random(size) < 0.1] = np.nan
+    k = min(size, edges.size)
+    values.reshape(-1)[rng.choice(size, k, replace=False)] = rng.choice(edges, k, replace=False)
+    return values
+
+
+@pytest.mark.parametrize("n_values", [100, 1 << 16])  # below and above the size cast by pyarrow
+def test_as_float16_has_the_bits_of_numpys_cast(n_values):
+    rng = np.random.default_rng(n_values)
+    from lossledger.run import as_float16
+
+    finite = rng.integers(0, 0x477FE000, n_values, dtype=np.uint32)  # every float32 bit pattern up to 65504
+    signed = finite | (rng.integers(0, 2, n_values, dtype=np.uint32) << 31)
+    for values in (signed.view(np.float32), _float16_edge_values(rng, n_values)):
+        got, expected = as_float16(values), values.astype(np.float16)
+        assert got.dtype == np.float16 and got.shape == values.shape
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+        np.testing.assert_array_equal(got.view(np.uint16)[~np.isnan(got)], expected.view(np.uint16)[~np.isnan(got)])
+    halves = _float16_edge_values(rng, 10).astype(np.float16)
+    assert as_float16(halves) is halves
+    np.testing.assert_array_equal(as_float16(np.array([0.1, 3.0])), np.float32([0.1, 3.0]).astype(np.float16))
+
+
+@pytest.mark.parametrize("mode", ["error", "first", "last", "mean"])
+def test_float16_maps_store_numpys_cast_of_what_was_logged(tmp_path, mode):
+    """(64, 64) float16 maps of 300 samples (128 per chunk: an edge chunk of 44), logged over several calls of
+    several batch sizes (numpy's and pyarrow's cast), some samples twice, some never: the stored maps are
+    numpy's float32 -> float16 cast of the float32 value the mode keeps (mean: float32 sums / count), NaN
+    where not logged."""
+    n, shape, ticks = 300, (64, 64), 2
+    rng = np.random.default_rng(7)
+    led = ll.create(tmp_path / "h.ll", n_samples=n)
+    expected = np.full((ticks, n, *shape), np.nan, np.float32)
+    with led.run("r", stream_dtypes={"pixel": "float16"}, on_duplicate=mode) as run:
+        for t in range(ticks):
+            sums = np.zeros((n, *shape), np.float32)
+            counts = np.zeros(n, int)
+            order = rng.permutation(n)[: n - 20 - 30 * t]  # not all logged; the last chunk's samples partly
+            if mode != "error":
+                order = np.concatenate([order, rng.choice(order, 40)])  # some twice, across calls
+            lo = 0
+            for size in (1, 7, 40, 3, 90, 1000):
+                ids = order[lo : lo + size]
+                lo += size
+                if mode != "error" and size == 40:
+                    ids = np.concatenate([ids, ids[:2]])  # duplicates within one call, too
+                maps = _float16_edge_values(rng, ids.size * 4096).reshape(ids.size, *shape)
+                maps[:, 0, 0] = rng.uniform(-65504, 65504, ids.size)  # large values of both signs
+                run.log(ids, pixel=maps)
+                for i, m in zip(ids, maps):  # the reference, sample by sample in logging order
+                    if mode == "first" and counts[i]:
+                        continue
+                    sums[i] = sums[i] + m if mode == "mean" else m  # a mean's sum starts at +0.0
+                    counts[i] += 1
+            logged = counts > 0
+            expected[t, logged] = sums[logged] / counts[logged, None, None] if mode == "mean" else sums[logged]
+            run.end_epoch()
+    got = led.trajectories("r", "pixel")  # (N, T, 64, 64)
+    reference = expected.swapaxes(0, 1).astype(np.float16)
+    assert got.dtype == np.float16 and got.shape == reference.shape
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(reference))
+    assert np.isnan(got[~logged, -1]).all()  # samples not logged in the last tick
+    np.testing.assert_array_equal(got.view(np.uint16)[~np.isnan(got)], reference.view(np.uint16)[~np.isnan(got)])
+
+
+def test_float16_maps_refuse_values_out_of_range_and_inf_and_write_nothing(ledger):
+    with ledger.run("r", stream_dtypes={"pixel": "float16"}, allow_nonfinite=True) as run:
+        ok = np.full((2, 3, 4), 65504.0, np.float32)
+        ok[0, 0, 0] = np.nan
+        run.log([0, 1], pixel=-ok)
+        for bad in (65504.5, np.inf, -70000.0):
+            maps = np.ones((2, 3, 4), np.float32)
+            maps[1, 2, 3] = bad
+            with pytest.raises(ll.errors.NonFiniteValueError, match="above 65504"):
+                run.log([2, 3], pixel=maps)
+        run.end_epoch()
+    got = ledger.trajectories("r", "pixel")
+    assert np.isnan(got[0, 0, 0, 0]) and (got[0, :2][~np.isnan(got[0, :2])] == -65504).all()
+    assert np.isnan(got[0, 2:]).all()
