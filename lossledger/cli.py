@@ -16,6 +16,7 @@ import pyarrow as pa
 from . import __version__
 from ._progress import reporting, terminal_bar
 from ._render import render_csv, render_text
+from .analysis import cluster_curves, curriculum_chunks, neighbours
 from .errors import InputPathError, LedgerError
 from .export import check_output_path, write_parquet
 from .ledger import open as open_ledger
@@ -71,6 +72,68 @@ def _maps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curriculum(args: argparse.Namespace) -> int:
+    ledger = open_ledger(args.path)
+    table = curriculum_chunks(ledger, ledger._only_run(args.run), args.chunks, stream=args.stream, ticks=args.ticks,
+                              split=args.split, dt=args.dt)
+    if args.summary:
+        grouped = table.group_by("chunk").aggregate(
+            [("sample_id", "count"), ("action", "mean"), ("action", "min"), ("action", "max")]
+        ).sort_by("chunk")
+        table = pa.table({"chunk": grouped["chunk"], "n": grouped["sample_id_count"],
+                          "mean_action": grouped["action_mean"], "min_action": grouped["action_min"],
+                          "max_action": grouped["action_max"]})
+    return _emit(table, args)
+
+
+def _clusters(args: argparse.Namespace) -> int:
+    ledger = open_ledger(args.path)
+    found = cluster_curves(ledger, ledger._only_run(args.run), args.stream, k=args.k, normalize=not args.raw,
+                           ticks=args.ticks, batch_size=args.batch_size, n_members=args.members, seed=args.seed,
+                           max_iter=args.max_iter)
+    if args.show == "assignments":
+        table = found.assignments
+    elif args.show == "members":
+        table = found.members
+    elif args.show == "centres":
+        k, n_ticks = found.centres.shape
+        table = pa.table({"cluster": pa.array(np.repeat(np.arange(k), n_ticks), pa.int64()),
+                          "tick": pa.array(np.tile(found.ticks, k), pa.int64()),
+                          "value": pa.array(found.centres.ravel(), pa.float64())})
+    else:
+        table = _cluster_summary(found.assignments, found.centres)
+    return _emit(table, args)
+
+
+def _cluster_summary(assignments: pa.Table, centres: np.ndarray) -> pa.Table:
+    """One row per cluster: size, share of the observed samples, mean distance to the centre, and the centre's
+    first, largest and last value."""
+    cluster = assignments["cluster"].to_numpy(zero_copy_only=False)
+    observed = ~np.isnan(cluster.astype(np.float64))
+    cluster = cluster[observed].astype(np.int64)
+    distance = assignments["distance"].to_numpy(zero_copy_only=False)[observed]
+    k = centres.shape[0]
+    sizes = np.bincount(cluster, minlength=k)
+    sums = np.bincount(cluster, weights=distance, minlength=k)
+    return pa.table({
+        "cluster": pa.array(np.arange(k), pa.int64()),
+        "n": pa.array(sizes, pa.int64()),
+        "share": pa.array(sizes / max(int(sizes.sum()), 1), pa.float64()),
+        "mean_distance": pa.array(np.divide(sums, sizes, out=np.full(k, np.nan), where=sizes > 0), pa.float64()),
+        "centre_first": pa.array(centres[:, 0], pa.float64()),
+        "centre_max": pa.array(centres.max(axis=1), pa.float64()),
+        "centre_last": pa.array(centres[:, -1], pa.float64()),
+    })
+
+
+def _neighbours(args: argparse.Namespace) -> int:
+    ledger = open_ledger(args.path)
+    table = neighbours(ledger, ledger._only_run(args.run), ids=args.ids, k=args.k, stream=args.stream,
+                       features=_load_array(args.features), top=args.top, tick=args.tick,
+                       score_stream=args.score_stream)
+    return _emit(table, args)
+
+
 def _load_array(path: str | None) -> Any:
     """The array in an .npy file (memory-mapped) or under key ``x`` of an .npz, or None."""
     if path is None:
@@ -88,6 +151,22 @@ def _fractions(text: str) -> list[float]:
         return [float(q) for q in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.1,0.5, got {text!r}") from None
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sample ids such as 3,17,42, got {text!r}") from None
+
+
+def _tick_window(text: str) -> slice:
+    """``START:STOP`` (either may be empty; negative counts from the end) as a slice of ticks."""
+    try:
+        start, stop = text.split(":")
+        return slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a tick window START:STOP such as 0:30 or :-1, got {text!r}") from None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -190,6 +269,70 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--prediction", help="the stream of run holding predicted masks")
     maps.add_argument("--npy-only", action="store_true", help="only the .npy maps (no matplotlib needed)")
     maps.set_defaults(handler=_maps)
+
+    curriculum = commands.add_parser(
+        "curriculum", help="split the samples into class-balanced chunks of increasing action (the paper's Fig 13)",
+        description="Each class's samples, by action ascending, are cut into CHUNKS parts; part j of every class goes "
+        "to chunk j (0 = easiest). One row per sample: sample_id, label, action (stream units × Δt), chunk; with "
+        "--summary one row per chunk. Samples never observed are left out. The greedy curriculum trains a model "
+        "per step: Python only (lossledger.analysis.greedy_curriculum).",
+    )
+    curriculum.add_argument("path", help="the ledger folder")
+    curriculum.add_argument("--run", help="the run (may be omitted when the ledger has one run)")
+    curriculum.add_argument("--chunks", type=int, default=10, help="number of chunks (default: 10)")
+    curriculum.add_argument("--stream", default="loss", help="the stream whose action sorts the samples (default: loss)")
+    curriculum.add_argument("--split", help="only the samples of this split, e.g. train (default: every sample)")
+    curriculum.add_argument("--ticks", type=_tick_window, help="sum the action over ticks START:STOP (default: all)")
+    curriculum.add_argument("--dt", choices=["epoch", "step", "wall"], default="epoch",
+                            help="Δt of a tick (default: epoch)")
+    curriculum.add_argument("--summary", action="store_true",
+                            help="one row per chunk: chunk, n, mean_action, min_action, max_action")
+    _add_output(curriculum)
+    curriculum.set_defaults(handler=_curriculum)
+
+    clusters = commands.add_parser(
+        "clusters", help="k-means of the per-sample curves of a stream (the paper's Fig 2)",
+        description="Mini-batch k-means of each sample's curve over the ticks (NaN ticks interpolated; never-observed "
+        "samples left out). Curves are divided by their own peak (values are fractions of it) unless --raw (stream "
+        "units). Clusters are numbered by the mean of their centre: 0 lowest. --show summary (default): cluster, n, "
+        "share (of observed samples), mean_distance (Euclidean, curve units), centre_first, centre_max, "
+        "centre_last; members: the closest samples of each centre; assignments: every sample's cluster and "
+        "distance; centres: cluster, tick, value.",
+    )
+    clusters.add_argument("path", help="the ledger folder")
+    clusters.add_argument("--run", help="the run (may be omitted when the ledger has one run)")
+    clusters.add_argument("--stream", default="loss", help="a scalar stream (default: loss)")
+    clusters.add_argument("-k", type=int, default=3, help="number of clusters (default: 3)")
+    clusters.add_argument("--raw", action="store_true", help="cluster raw values (stream units), not peak fractions")
+    clusters.add_argument("--ticks", type=_tick_window, help="only ticks START:STOP (default: every tick)")
+    clusters.add_argument("--show", choices=["summary", "members", "assignments", "centres"], default="summary",
+                          help="what to print (default: summary)")
+    clusters.add_argument("--members", type=int, default=5, help="closest samples per centre (default: 5)")
+    clusters.add_argument("--seed", type=int, default=0, help="seed of the init (default: 0)")
+    clusters.add_argument("--batch-size", type=int, default=4096, help="samples per mini-batch (default: 4096)")
+    clusters.add_argument("--max-iter", type=int, default=100, help="most passes over the data (default: 100)")
+    _add_output(clusters)
+    clusters.set_defaults(handler=_clusters)
+
+    near = commands.add_parser(
+        "neighbours", help="nearest neighbours of the hardest samples in a feature space (the paper's Fig 5)",
+        description="The K nearest neighbours (exact, Euclidean, in feature units) of each query sample, in the "
+        "features logged in --stream at --tick or in --features. One row per query and rank: query_id, "
+        "query_label, rank (1 = nearest), neighbour_id, neighbour_label, distance.",
+    )
+    near.add_argument("path", help="the ledger folder")
+    near.add_argument("--run", help="the run (may be omitted when the ledger has one run)")
+    near.add_argument("--ids", type=_ids, help="query sample ids, e.g. 3,17,42 (default: the --top hardest)")
+    near.add_argument("-k", type=int, default=5, help="neighbours per query (default: 5)")
+    near.add_argument("--top", type=int, default=20,
+                      help="default queries: this many hardest samples by action of --score-stream (default: 20)")
+    near.add_argument("--stream", default="embedding",
+                      help="the stream of feature vectors, element shape (D,) (default: embedding)")
+    near.add_argument("--tick", type=int, default=-1, help="the tick of the features (default: -1, the last)")
+    near.add_argument("--features", help="instead of --stream: .npy (N, D) or .npz with key x, in ledger order")
+    near.add_argument("--score-stream", default="loss", help="the stream that ranks the hardest (default: loss)")
+    _add_output(near)
+    near.set_defaults(handler=_neighbours)
 
     export = commands.add_parser("export", help="write the scores of runs, joined with the samples, to parquet")
     export.add_argument("path", help="the ledger folder")
