@@ -5,6 +5,7 @@ run; the goals are printed next to each number; the script always exits 0.
 
     python benchmarks/pixel.py                          # 500 samples x 256 x 512 pixels x 10 ticks (2.6 GB raw)
     python benchmarks/pixel.py --n 64 --ticks 4         # a quick look
+    python benchmarks/pixel.py --write-only             # sections 1, 2 and 5 only (no memory children, no codecs)
 
 Data: per-pixel cross-entropy-like losses of street-like scenes (sky, buildings, road, sidewalk, cars and
 people, with the ego-vehicle band and a few blobs void, about 11% of the pixels NaN): the loss is
@@ -21,7 +22,9 @@ Sections:
    The three are interleaved, order rotating per tick; throughput is raw float32 bytes per second, and the
    goal applies to the ratio of the median times (np.save / ledger >= 0.5). Neither side fsyncs. Beside it:
    the ratio of the fastest of each, and of the process CPU seconds (all threads; less sensitive to other
-   load on the machine, though the ledger's writer threads run in parallel, np.save in one thread).
+   load on the machine, though the ledger's writer threads run in parallel, np.save in one thread). The ledger's
+   time is also split: the ``run.log`` calls of a tick (where a float16 stream's values are cast, per batch, in
+   real use while the GPU works) and ``end_epoch`` (encode and write the chunks), each against np.save.
    ``--fsync`` makes both sides durable (np.save's file, and the tick's chunk files and the commit record,
    fsynced inside the timing; ``os.sync()`` untimed before each write), where the compressed ledger writes
    fewer bytes to the disk.
@@ -35,8 +38,9 @@ Sections:
    1 MiB, as the writer makes them): size against raw float32, encode and decode throughput (raw float32
    MB/s, median of ``--codec-repeat`` interleaved passes).
 5. **Where the float16 write time goes**: CPU seconds (one thread) of each step of logging and committing a
-   float16 tick (copy into the tick buffer, overflow check, numpy's float32 -> float16 cast, blosc encode,
-   file writes), against ``np.save`` of the same values; measured on the codec samples and scaled to N.
+   float16 tick (the inf and float16 range checks, the float32 -> float16 cast of each batch by pyarrow as
+   ``run.log`` does it and by numpy for comparison, the copy into the float16 tick buffer, blosc encode, file
+   writes), against ``np.save`` of the same values; measured on the codec samples and scaled to N.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ import zarr
 
 import lossledger as ll
 from lossledger import heatmaps, pixels
+from lossledger.run import as_float16, check_finite
 
 GOAL_STORAGE = 0.40  # stream bytes <= 40% of raw float32
 GOAL_WRITE = 0.50  # ledger throughput >= 50% of np.save's
@@ -274,7 +279,8 @@ def write_breakdown(sample: np.ndarray, n: int, batch: int, folder: Path, repeat
     b = sample.shape[0]
     per_chunk = max(1, (1 << 20) // (sample[0].size * 2))
     half = sample.astype(np.float16)
-    buffer = np.full_like(sample, np.nan)
+    buffer = np.full_like(half, np.nan)
+    order = np.random.default_rng(0).permutation(b)  # the rows of a shuffled loader
     codec = numcodecs.Blosc(cname="lz4", clevel=1, shuffle=1)
     encoded = [codec.encode(half[lo : lo + per_chunk]) for lo in range(0, b, per_chunk)]
     out = folder / "breakdown"
@@ -286,14 +292,16 @@ def write_breakdown(sample: np.ndarray, n: int, batch: int, folder: Path, repeat
             tmp.write_bytes(data)
             os.replace(tmp, out / str(i))
 
+    def batches(step):
+        return lambda: [step(lo) for lo in range(0, b, batch)]
+
     steps = [
-        ("run.log: copy into the tick buffer", lambda: [buffer.__setitem__(slice(lo, lo + batch), sample[lo : lo + batch])
-                                                       for lo in range(0, b, batch)]),
-        ("run.log: float16 overflow check (nanmax |x|)", lambda: [np.nanmax(np.abs(sample[lo : lo + batch]), initial=0.0)
-                                                                  for lo in range(0, b, batch)]),
-        ("end_epoch: float32 -> float16 cast (numpy)", lambda: [np.ascontiguousarray(sample[lo : lo + per_chunk],
-                                                                                     dtype=np.float16)
-                                                                for lo in range(0, b, per_chunk)]),
+        ("run.log: inf and float16 range checks", batches(lambda lo: check_finite(
+            "pixel", "float16", sample.shape[1:], sample[lo : lo + batch], allow_nonfinite=False))),
+        ("run.log: float32 -> float16 cast (pyarrow)", batches(lambda lo: as_float16(sample[lo : lo + batch]))),
+        ("  (the same cast by numpy, for comparison)", batches(lambda lo: sample[lo : lo + batch].astype(np.float16))),
+        ("run.log: copy into the float16 tick buffer", batches(lambda lo: buffer.__setitem__(
+            order[lo : lo + batch], half[lo : lo + batch]))),
         ("end_epoch: blosc lz4 1 shuffle encode", lambda: [codec.encode(half[lo : lo + per_chunk])
                                                            for lo in range(0, b, per_chunk)]),
         ("end_epoch: write the chunk files (temp + rename)", write_files),
@@ -326,6 +334,8 @@ def main() -> int:
     parser.add_argument("--fsync", action="store_true",
                         help="durable writes: fsync np.save's file and the tick's chunk files and commit record "
                         "inside the timing (os.sync() untimed before each)")
+    parser.add_argument("--write-only", action="store_true",
+                        help="sections 1, 2 and 5 only: no memory children (3), no codec table (4)")
     parser.add_argument("--dir", default=None, help="folder for the ledger (default: a temp folder, removed)")
     parser.add_argument("--_memory-child", nargs=4, dest="memory_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -355,7 +365,10 @@ def main() -> int:
         ids = np.arange(n)
         timings: dict[str, list[float]] = {"float16": [], "float32": [], "np.save": []}
         cpu: dict[str, list[float]] = {"float16": [], "float32": [], "np.save": []}
-        log_share: dict[str, list[float]] = {"float16": [], "float32": []}
+        log_time: dict[str, list[float]] = {"float16": [], "float32": []}  # the run.log calls of a tick, s
+        commit_time: dict[str, list[float]] = {"float16": [], "float32": []}  # its end_epoch, s
+        log_cpu: dict[str, list[float]] = {"float16": [], "float32": []}
+        commit_cpu: dict[str, list[float]] = {"float16": [], "float32": []}
         nan_fraction = []
         for t in range(ticks):
             scenes.tick(rng, t, ticks, data)
@@ -384,25 +397,31 @@ def main() -> int:
                 c0, t0 = time.process_time(), time.perf_counter()
                 for lo in range(0, n, args.batch):
                     run.log(ids[lo : lo + args.batch], pixel=data[lo : lo + args.batch])
-                t1 = time.perf_counter()
+                c1, t1 = time.process_time(), time.perf_counter()
                 tick = run.end_epoch()
                 if args.fsync:
                     fsync_tick(folder / "pixel.ll" / "runs" / run.name, tick)
                 t2 = time.perf_counter()
+                c2 = time.process_time()
                 timings[what].append(t2 - t0)
-                cpu[what].append(time.process_time() - c0)
-                log_share[what].append((t1 - t0) / (t2 - t0))
+                cpu[what].append(c2 - c0)
+                log_time[what].append(t1 - t0)
+                commit_time[what].append(t2 - t1)
+                log_cpu[what].append(c1 - c0)
+                commit_cpu[what].append(c2 - c1)
         for run in runs.values():
             run.close()
         del data
         stream_bytes = {dtype: folder_bytes(folder / "pixel.ll" / "runs" / r / "streams" / "pixel")
                         for dtype, r in (("float16", "f16"), ("float32", "f32"))}
 
-        memory = {}
-        for op in ("summary", "top10", "classes", "pca"):
-            memory[op] = run_memory_child(folder / "pixel.ll", "f16", op, labels_path)
-        memory["summary f32"] = run_memory_child(folder / "pixel.ll", "f32", "summary", labels_path)
-        codecs = codec_table(codec_sample, args.codec_repeat)
+        memory: dict[str, dict | None] = {}
+        codecs: list[dict] = []
+        if not args.write_only:
+            for op in ("summary", "top10", "classes", "pca"):
+                memory[op] = run_memory_child(folder / "pixel.ll", "f16", op, labels_path)
+            memory["summary f32"] = run_memory_child(folder / "pixel.ll", "f32", "summary", labels_path)
+            codecs = codec_table(codec_sample, args.codec_repeat)
         breakdown = write_breakdown(codec_sample[-1], n, args.batch, folder, 5)
 
         # --- report -----------------------------------------------------------------------------------------
@@ -421,7 +440,13 @@ def main() -> int:
             cpu_text = f"{median(cpu['np.save']):.2f} / {median(cpu[dtype]):.2f} s = {cpu_ratio:.0%}"
             rows.append((f"   {dtype}: fastest / fastest; CPU s np.save / ledger", f"{fastest:.0%}; {cpu_text}", "",
                          "info"))
-            rows.append((f"   {dtype}: run.log share of the ledger time", f"{median(log_share[dtype]):.0%}", "", "info"))
+            batches = -(-n // args.batch)
+            for part, wall, cpu_s in (("run.log calls", log_time, log_cpu), ("end_epoch", commit_time, commit_cpu)):
+                t_part = median(wall[dtype])
+                per_batch = f" ({t_part / batches * 1e6:.0f} us a batch)" if part == "run.log calls" else ""
+                rows.append((f"   {dtype}: {part} of a tick (median){per_batch}",
+                             f"{t_part * 1e3:.0f} ms = {t_part / save:.2f}x np.save; CPU {median(cpu_s[dtype]):.2f} s",
+                             "", "info"))
         rows.append(("2. raw float32 (T x N x H x W x 4)", f"{raw_tick * ticks / 1e6:.0f} MB", "", ""))
         for dtype in ("float16", "float32"):
             ratio = stream_bytes[dtype] / (raw_tick * ticks)
@@ -435,23 +460,17 @@ def main() -> int:
                          "<= 1 GB", f"{'met' if res['peak'] <= GOAL_RSS else 'NOT met'} (start {res['base'] / 1e6:.0f} MB)"))
         width = max(len(r[0]) for r in rows) + 2
         print()
-        print(f"{'measure':<{width}}{'value':<30}{'goal':<22}verdict")
-        print("-" * (width + 70))
+        print(f"{'measure':<{width}}{'value':<40}{'goal':<22}verdict")
+        print("-" * (width + 80))
         for measure, value, goal, verdict in rows:
-            print(f"{measure:<{width}}{value:<30}{goal:<22}{verdict}")
-        print("-" * (width + 70))
+            print(f"{measure:<{width}}{value:<40}{goal:<22}{verdict}")
+        print("-" * (width + 80))
         sync = "fsync of every file written, os.sync() before each" if args.fsync else "no fsync"
         print(f"data: {n} street-like scenes, {np.mean(nan_fraction):.1%} void (NaN) pixels; timings: median of "
               f"{ticks} ticks, ledger f16 / f32 / np.save interleaved, {sync}; memory: "
-              f"{next((r['source'] for r in memory.values() if r), '?')} sampled every 1 ms in a fresh process")
-        print()
-        print(f"4. codecs on {codec_sample.shape[1]} samples x {ticks} ticks ({codec_sample.nbytes / 1e6:.0f} MB "
-              f"float32), 1 MiB chunks, one blosc thread, median of {args.codec_repeat} passes")
-        print(f"{'dtype':<9}{'codec':<22}{'size / raw f32':>15}{'encode MB/s':>13}{'decode MB/s':>13}  storage goal")
-        for row in codecs:
-            verdict = "met" if row["ratio"] <= GOAL_STORAGE else "-"
-            print(f"{row['dtype']:<9}{row['codec']:<22}{row['ratio']:>15.1%}{row['enc']:>13.0f}{row['dec']:>13.0f}  "
-                  f"{verdict}")
+              f"{next((r['source'] + ' sampled every 1 ms in a fresh process' for r in memory.values() if r), 'not measured')}")
+        if codecs:
+            print_codecs(codecs, codec_sample, ticks, args.codec_repeat)
         print(f"\n5. where a float16 tick's write time goes: CPU s per tick of {n} samples, one thread "
               f"(median of 5, scaled from {codec_sample.shape[1]} samples of the last tick)")
         for name, seconds in breakdown:
@@ -461,6 +480,17 @@ def main() -> int:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def print_codecs(codecs: list[dict], codec_sample: np.ndarray, ticks: int, repeat: int) -> None:
+    print()
+    print(f"4. codecs on {codec_sample.shape[1]} samples x {ticks} ticks ({codec_sample.nbytes / 1e6:.0f} MB "
+          f"float32), 1 MiB chunks, one blosc thread, median of {repeat} passes")
+    print(f"{'dtype':<9}{'codec':<22}{'size / raw f32':>15}{'encode MB/s':>13}{'decode MB/s':>13}  storage goal")
+    for row in codecs:
+        verdict = "met" if row["ratio"] <= GOAL_STORAGE else "-"
+        print(f"{row['dtype']:<9}{row['codec']:<22}{row['ratio']:>15.1%}{row['enc']:>13.0f}{row['dec']:>13.0f}  "
+              f"{verdict}")
 
 
 if __name__ == "__main__":
