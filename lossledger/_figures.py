@@ -227,6 +227,55 @@ def correlation_plot(quantiles: np.ndarray, lines: Sequence[tuple[str, np.ndarra
     return _png(fig)
 
 
+def region_scatter(
+    x: np.ndarray, y: np.ndarray, region: np.ndarray, names: Sequence[str],
+    boxes: Sequence[tuple[float, float, float, float]], *, xlabel: str, ylabel: str, max_points: int = 20_000,
+) -> bytes:
+    """One point per sample, coloured by ``region`` (index into ``names``; 0 grey, drawn first), with the
+    rectangles ``boxes`` (x0, x1, y0, y1) of regions 1, 2, ... shaded in their colour and their edges dashed.
+
+    At most ``max_points`` points are drawn (a seeded random subset); the legend counts all of them."""
+    fig = _figure(7.5, 4.8)
+    ax = fig.add_subplot()
+    shown = np.arange(x.size)
+    if x.size > max_points:
+        shown = np.sort(np.random.default_rng(0).choice(x.size, max_points, replace=False))
+    colours = ["#9aa5b1", *PALETTE[1:]]
+    for code, name in enumerate(names):
+        mine = shown[region[shown] == code]
+        ax.scatter(x[mine], y[mine], s=7 if code == 0 else 12, alpha=0.45 if code == 0 else 0.8, linewidths=0,
+                   color=colours[code % len(colours)], label=f"{name} (n={int((region == code).sum()):,})")
+    for code, (x0, x1, y0, y1) in enumerate(boxes, start=1):
+        colour = colours[code % len(colours)]
+        ax.add_patch(_rectangle((x0, y0), x1 - x0, y1 - y0, colour))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best", markerscale=2)
+    return _png(fig)
+
+
+def _rectangle(corner: tuple[float, float], width: float, height: float, colour: str) -> Any:
+    from matplotlib.patches import Rectangle
+
+    return Rectangle(corner, width, height, facecolor=colour, alpha=0.10, edgecolor=colour, linestyle="--",
+                     linewidth=1.2)
+
+
+def accuracy_curves(lines: Sequence[tuple[str, np.ndarray, np.ndarray]], *, xlabel: str, ylabel: str) -> bytes:
+    """Accuracy (y, fraction) against a threshold (x), one (name, thresholds, accuracy) line per score."""
+    fig = _figure(7.5, 3.6)
+    ax = fig.add_subplot()
+    for i, (name, threshold, accuracy) in enumerate(lines):
+        ax.plot(threshold, accuracy, marker="o", markersize=3, color=PALETTE[i % len(PALETTE)], label=name)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def thumbnail(image: np.ndarray, *, vmin: float, vmax: float, size: int = 96) -> bytes:
     """One image as a PNG, upscaled by an integer factor with nearest neighbour to about ``size`` px (large
     images are subsampled by striding). ``image``: (H, W) grey, or (H, W, 3|4) colour; values in
@@ -368,4 +417,6 @@ table.facts td:first-child{font-weight:600;color:#4a5561;white-space:nowrap}
 .gallery{display:flex;flex-wrap:wrap;gap:10px}.card{width:112px;font-size:12px;text-align:center;line-height:1.3}
 img.thumb{image-rendering:pixelated;width:96px;height:96px;object-fit:contain;border:1px solid #ccd3da;background:#000}
 td img.thumb{width:48px;height:48px}.flag{color:#b00020;font-weight:600}
+.gallery.nn{flex-wrap:nowrap;overflow-x:auto;padding:6px 0;border-bottom:1px solid #eceff2}
+.card.query{border-right:2px solid #1d2b3a;padding-right:8px}
 """

@@ -8,11 +8,14 @@ with Action Scores for Computer Vision Tasks", that it mirrors):
 3. hardest and easiest samples (Figs 1 and 4), with thumbnails when images are given;
 4. loss curves of the hardest samples (Fig 3);
 5. loss-curve clusters (Fig 2), from ``lossledger.analysis.clusters.cluster_curves`` when installed;
-6. noisy-label candidates from :func:`lossledger.analysis.flag_noisy` (Fig 12);
-7. the memorization window of :func:`lossledger.analysis.memorization_window`;
-8. correlations of the action between runs (Table 1 and Fig 14), when there are at least two runs.
+6. nearest neighbours of the hardest samples in the logged features (Fig 5), when the run logged ``embedding``;
+7. noisy-label candidates from :func:`lossledger.analysis.flag_noisy` (Fig 12);
+8. the memorization window of :func:`lossledger.analysis.memorization_window`;
+9. action vs predictive entropy and accuracy against thresholds (Figs 6b, 6c, 7), when the run logged ``probs``;
+10. correlations of the action between runs (Table 1 and Fig 14), when there are at least two runs.
 
-A section that cannot be computed says why in a note. Figures are PNGs drawn with matplotlib's Agg canvas and
+Sections 6 and 9 (:mod:`lossledger._report_predictions`) are left out when their stream is missing. A section
+that cannot be computed says why in a note. Figures are PNGs drawn with matplotlib's Agg canvas and
 embedded as base64 ``data:`` URIs; the CSS is inline and there is no script: the file opens offline and loads
 nothing.
 """
@@ -35,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import _figures
+from ._report_predictions import class_name, entropy_section, has_stream, label_of, neighbour_table, neighbours_section
 from ._version import __version__
 from .analysis import NoisyLabels, Window, flag_noisy, memorization_window
 from .analysis.window import VALIDATION_SPLITS, _split_mask
@@ -56,6 +60,10 @@ def write_report(
     images: Any = None,
     stream: str = "loss",
     top: int = 16,
+    neighbour_rows: int = 8,
+    neighbour_k: int = 8,
+    probs: str = "probs",
+    embedding: str = "embedding",
 ) -> Path:
     """Write one self-contained HTML report of ``run`` to ``out`` and return its path.
 
@@ -80,28 +88,38 @@ def write_report(
         The stream to report (default ``"loss"``); an element stream's curves are averaged over elements.
     top
         How many samples each gallery, curve grid and candidate table shows.
+    neighbour_rows, neighbour_k
+        The nearest-neighbour section shows the ``neighbour_rows`` hardest samples that have features, each
+        with its ``neighbour_k`` nearest neighbours (:func:`lossledger.analysis.neighbours`).
+    probs, embedding
+        The run's class-probability stream (element shape (C,)) for the action-vs-entropy section, and its
+        feature stream (element shape (D,), read at the last tick) for the nearest-neighbour section; a section
+        whose stream the run did not log is left out.
 
     Memory: the run's score tables (O(N) floats each; all-tick scores come from the ledger's cache), one scan
     slab for the window and the noisy-label threshold, trajectories only of the at most ``2·top + 9`` samples
-    whose curves are drawn, and images only of the shown samples (except from an ``.npz``). Never N × T.
-    Raises :class:`UnknownRunError`, :class:`UnknownStreamError`, :class:`ShapeMismatchError` (bad ``top`` or
-    images), :class:`OutputPathError`, and ``ImportError`` naming the ``[report]`` extra without matplotlib.
+    whose curves are drawn, and images only of the shown samples (except from an ``.npz``). Never N × T. With
+    ``probs``: O(N) entropies and one block of probabilities; with ``embedding``: one scan slab of features.
+    Raises :class:`UnknownRunError`, :class:`UnknownStreamError`, :class:`ShapeMismatchError` (bad ``top``,
+    ``neighbour_rows``, ``neighbour_k`` or images), :class:`OutputPathError`, and ``ImportError`` naming the ``[report]`` extra without matplotlib.
 
     >>> write_report(ll.open("runs/digits.ll"), "report.html", images=load_digits().images)
     PosixPath('report.html')
     """
     _figures.require()
-    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
-        raise ShapeMismatchError(f"top must be a positive integer number of samples to show, got {top!r}")
+    for name, value in (("top", top), ("neighbour_rows", neighbour_rows), ("neighbour_k", neighbour_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ShapeMismatchError(f"{name} must be a positive integer number of samples to show, got {value!r}")
     target = Path(out)
     if target.is_dir() or not target.parent.is_dir():
         where = "it is a folder" if target.is_dir() else f"folder {target.parent} does not exist"
         raise OutputPathError(f"cannot write {target}: {where}; pass a file path in an existing folder, e.g. report.html")
+    options = _Options(stream, top, neighbour_rows, neighbour_k, probs, embedding)
     if isinstance(ledger, Ledger):
-        page = _render(ledger, run, runs, images, stream, top)
+        page = _render(ledger, run, runs, images, options)
     else:
         with open_ledger(ledger) as opened:
-            page = _render(opened, run, runs, images, stream, top)
+            page = _render(opened, run, runs, images, options)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         tmp.write_text(page, encoding="utf-8")
@@ -109,6 +127,18 @@ def write_report(
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The choices of :func:`write_report` beyond which run and images."""
+
+    stream: str
+    top: int
+    neighbour_rows: int
+    neighbour_k: int
+    probs: str
+    embedding: str
 
 
 @dataclass
@@ -133,7 +163,8 @@ class _Context:
         return set(self.noisy.flagged_ids.tolist()) if isinstance(self.noisy, NoisyLabels) else set()
 
 
-def _render(ledger: Ledger, run: str | None, runs: Sequence[str] | None, images: Any, stream: str, top: int) -> str:
+def _render(ledger: Ledger, run: str | None, runs: Sequence[str] | None, images: Any, options: _Options) -> str:
+    stream, top = options.stream, options.top
     all_runs = ledger.runs
     if not all_runs:
         raise ShapeMismatchError(f"ledger {ledger.path} has no runs to report on; log one with ledger.run(...)")
@@ -162,10 +193,14 @@ def _render(ledger: Ledger, run: str | None, runs: Sequence[str] | None, images:
         ledger.top(top, chosen, stream, hardest=False), window, noisy,
         epochs if by_epoch else ticks["tick"].to_numpy(), "epoch" if by_epoch else "tick", pictures,
     )
+    near = (neighbour_table(ledger, chosen, stream, options.embedding, options.neighbour_rows, options.neighbour_k)
+            if has_stream(ledger, chosen, options.embedding) else None)
     if pictures is not None:
         shown = [ctx.hard["sample_id"].to_numpy(), ctx.easy["sample_id"].to_numpy()]
         if isinstance(noisy, NoisyLabels):
             shown.append(noisy.table["sample_id"].to_numpy()[:top])
+        if isinstance(near, pa.Table):
+            shown += [near["query_id"].to_numpy(), near["neighbour_id"].to_numpy()]
         pictures.set_range(ledger._index.rows(np.concatenate(shown)))
     correlated = list(runs) if runs is not None else [r for r in all_runs if stream in ledger.streams(r)["stream"].to_pylist()]
     sections = [
@@ -175,10 +210,15 @@ def _render(ledger: Ledger, run: str | None, runs: Sequence[str] | None, images:
         ("easiest", "Easiest samples", _gallery(ctx, ctx.easy, hardest=False)),
         ("curves", "Loss curves of the hardest samples", _curves(ctx)),
         ("clusters", "Loss-curve clusters", _clusters(ctx)),
-        ("noisy", "Noisy-label candidates", _noisy(ctx)),
-        ("window", "Memorization window", _window(ctx)),
-        ("correlations", "Run correlations", _correlations(ctx, correlated)),
     ]
+    if near is not None:
+        sections.append(("neighbours", "Nearest neighbours of the hardest samples", neighbours_section(
+            ledger, near, stream=stream, embedding=options.embedding, tick=ticks.num_rows - 1,
+            action=ctx.scores["action"].to_numpy(zero_copy_only=False), images=pictures)))
+    sections += [("noisy", "Noisy-label candidates", _noisy(ctx)), ("window", "Memorization window", _window(ctx))]
+    if has_stream(ledger, chosen, options.probs):
+        sections.append(("entropy", "Action vs entropy", entropy_section(ledger, chosen, stream, options.probs)))
+    sections.append(("correlations", "Run correlations", _correlations(ctx, correlated)))
     return _page(ctx, sections)
 
 
@@ -431,13 +471,11 @@ def _trajectories(ctx: _Context, ids: np.ndarray) -> np.ndarray:
 
 
 def _class_name(ctx: _Context, label: int) -> str:
-    classes = ctx.ledger.classes
-    return str(classes[label]) if classes is not None and 0 <= label < len(classes) else str(label)
+    return class_name(ctx.ledger, label)
 
 
 def _label_of(ctx: _Context, row: int) -> str:
-    labels = ctx.ledger._samples.label
-    return "" if labels is None else _class_name(ctx, int(labels[row]))
+    return label_of(ctx.ledger, row)
 
 
 def _split_of(ctx: _Context, row: int, prefix: str = "") -> str:

@@ -19,10 +19,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 import lossledger as ll
-from lossledger.analysis import flag_noisy, memorization_window
+from lossledger.analysis import accuracy_vs_threshold, entropy_vs_action, flag_noisy, memorization_window, neighbours
 from lossledger.errors import InputPathError, OutputPathError, ShapeMismatchError, UnknownStreamError
 
 pytest.importorskip("sklearn", reason="the report test trains on scikit-learn's digits")
@@ -35,15 +36,19 @@ from lossledger.demo_training import load_data, train
 from lossledger.report import write_report
 
 RUN, SECOND = "mlp-s0", "mlp-s1"
+#: The sections of a run that logged probs and embedding (RUN, as the demo trains it); without those streams
+#: (SECOND) the two sections are left out.
 HEADINGS = ["Summary", "Per-class difficulty", "Hardest samples", "Easiest samples",
-            "Loss curves of the hardest samples", "Loss-curve clusters", "Noisy-label candidates",
-            "Memorization window", "Run correlations"]
+            "Loss curves of the hardest samples", "Loss-curve clusters", "Nearest neighbours of the hardest samples",
+            "Noisy-label candidates", "Memorization window", "Action vs entropy", "Run correlations"]
+WITHOUT_PREDICTIONS = [h for h in HEADINGS if h not in ("Nearest neighbours of the hardest samples", "Action vs entropy")]
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
 
 @pytest.fixture(scope="module")
 def ledger(tmp_path_factory: pytest.TempPathFactory) -> ll.Ledger:
-    """15 epochs of the demo's MLP on digits (20% flipped), and a second seed logged as a second run."""
+    """15 epochs of the demo's MLP on digits (20% flipped; loss, correct, probs every epoch, embedding at the
+    last), and a second seed's losses logged as a second run (loss only)."""
     tmp = tmp_path_factory.mktemp("report")
     data = load_data(noise=0.2, seed=0)
     ledger = train(data, tmp / "digits.ll", epochs=15, seed=0, run=RUN)
@@ -121,9 +126,10 @@ def test_report_renders_in_chromium_with_every_figure_and_thumbnail(ledger, digi
 
     plots = [i for i in page.images if i.get("class") == "plot"]
     clusters_installed = importlib.util.find_spec("lossledger.analysis.clusters") is not None
-    assert len(plots) == 5 + clusters_installed  # classes, curves, [clusters], noisy, window, correlations
+    # classes, curves, [clusters], noisy, window, entropy scatter and accuracy curves, correlations
+    assert len(plots) == 7 + clusters_installed
     assert ("Not computed" in _section(text, "clusters")) is not clusters_installed
-    for key in ("classes", "hardest", "easiest", "curves", "noisy", "window", "correlations"):
+    for key in ("classes", "hardest", "easiest", "curves", "neighbours", "noisy", "window", "entropy", "correlations"):
         assert "Not computed" not in _section(text, key), key
     for image in plots:
         pixels = _png(image["src"])
@@ -131,19 +137,26 @@ def test_report_renders_in_chromium_with_every_figure_and_thumbnail(ledger, digi
 
     # Galleries: thumbnails of the ranked samples, in order, 8x8 upscaled 12x with nearest neighbour.
     thumbs = [i for i in page.images if i.get("class") == "thumb"]
-    assert len(thumbs) == 16 + 16 + 16  # hardest, easiest, noisy-label candidates
+    assert len(thumbs) == 16 + 16 + 8 * (1 + 8) + 16  # hardest, easiest, 8 hard with 8 neighbours, candidates
     hard = ledger.top(16, RUN)["sample_id"].to_pylist()
     easy = ledger.top(16, RUN, hardest=False)["sample_id"].to_pylist()
     assert [t["alt"] for t in thumbs[:32]] == [f"sample {i}" for i in hard + easy]
+    near = neighbours(ledger, RUN, k=8, top=8)  # Fig 5: rows in the API's order, each query then its neighbours
+    expected = []
+    for query in dict.fromkeys(near["query_id"].to_pylist()):
+        mine = near.filter(pc.equal(near["query_id"], query))["neighbour_id"].to_pylist()
+        expected += [f"sample {query}", *[f"neighbour {n} of {query}" for n in mine]]
+    assert [t["alt"] for t in thumbs[32:104]] == expected
     candidates = flag_noisy(ledger, RUN, ticks=memorization_window(ledger, RUN).ticks).table["sample_id"].to_pylist()
-    shown = digits[hard + easy + candidates[:16]]  # the grey range is that of the images shown
+    in_near = near["query_id"].to_pylist() + near["neighbour_id"].to_pylist()
+    shown = digits[hard + easy + candidates[:16] + in_near]  # the grey range is that of the images shown
     lo, hi = min(shown.min(), 0.0), shown.max()
-    for thumb in thumbs[:32]:
+    for thumb in thumbs[:104]:
         pixels = _png(thumb["src"]).astype(float)
         assert pixels.shape == (96, 96)
         blocks = pixels[::12, ::12]
         assert np.array_equal(np.kron(blocks, np.ones((12, 12))), pixels)  # nearest: constant 12x12 blocks
-        row = int(thumb["alt"].split()[1])  # ids are rows in this ledger
+        row = int(thumb["alt"].split()[1])  # ids are rows in this ledger; "sample ID" or "neighbour ID of Q"
         assert np.abs(blocks - 255 * (digits[row] - lo) / (hi - lo)).max() <= 1.5  # the right digit, grey levels kept
 
     # Table 1: the overall r of the two runs is the ledger's.
@@ -183,7 +196,7 @@ def test_report_numbers_are_the_ledgers_and_missing_parts_say_why(ledger, digits
         return trajectories(self, run, stream, ids, ticks)
 
     monkeypatch.setattr(ll.Ledger, "trajectories", counted)
-    out = write_report(str(ledger.path), tmp_path / "r.html", runs=[RUN], top=5)
+    out = write_report(str(ledger.path), tmp_path / "r.html", runs=[RUN], top=5, neighbour_rows=3, neighbour_k=4)
     text = out.read_text()
     assert _Page(text).h2 == HEADINGS
     assert "no lossledger.analysis.clusters module" in _section(text, "clusters")
@@ -212,6 +225,61 @@ def test_report_numbers_are_the_ledgers_and_missing_parts_say_why(ledger, digits
     assert (int(row.group(1)), int(row.group(2))) == (worst, int((labels == worst).sum()))
     assert float(row.group(3)) == pytest.approx(action[labels == worst].mean(), rel=1e-3)
 
+    # Fig 5 without images: a table row per hard sample, "id · class · distance" per neighbour, as neighbours().
+    near = neighbours(ledger, RUN, k=4, top=3)
+    found = re.findall(r'<tr><td class="num">(\d)</td><td class="num">(\d+)</td><td>(\d)</td><td class="num">[^<]+</td>'
+                       r"((?:<td>.*?</td>){4})</tr>", _section(text, "neighbours"))
+    assert [int(q) for _, q, _, _ in found] == list(dict.fromkeys(near["query_id"].to_pylist()))
+    cells = [[re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td>(.*?)</td>", c)] for *_, c in found]
+    assert [x for row in cells for x in row] == [
+        f"{n} · {lab} · {d:.4g}" for n, lab, d in zip(*(near[c].to_pylist() for c in
+                                                        ("neighbour_id", "neighbour_label", "distance")))]
+
+    # Figs 6b, 6c: the region counts and thresholds of entropy_vs_action, the accuracies of accuracy_vs_threshold.
+    joint = entropy_vs_action(ledger, [RUN])
+    limits = json.loads(joint.schema.metadata[b"lossledger"])
+    section = _section(text, "entropy")
+    for region in ("high action, low entropy", "low action, high entropy"):
+        n = int(pc.sum(pc.equal(joint["region"], region)).as_py() or 0)
+        assert f'<td>{region}</td><td class="num">{n}</td>' in section
+    assert f"low ≤ {limits['action_low']:.4g}, high ≥ {limits['action_high']:.4g}" in section
+    assert f"low ≤ {limits['entropy_low']:.4g}, high ≥ {limits['entropy_high']:.4g}" in section
+    curves = accuracy_vs_threshold(ledger, [RUN], split="val", thresholds=[0.5])
+    at_half = re.search(r'<tr><td class="num">0.5</td>(.*?)</tr>', section).group(1)
+    assert re.findall(r">([^<]+)<", at_half) == [
+        v for a, n in zip(curves["accuracy_mean"].to_pylist(), curves["n"].to_pylist()) for v in (f"{a:.4g}", str(n))]
+    assert "the val split" in section
+
+
+def test_sections_need_their_streams_and_say_why_when_they_cannot_be_computed(ledger, tmp_path):
+    # The second run logged only losses: no neighbour or entropy section, and no error.
+    text = write_report(ledger, tmp_path / "second.html", run=SECOND).read_text()
+    assert _Page(text).h2 == WITHOUT_PREDICTIONS
+    assert 'id="neighbours"' not in text and 'id="entropy"' not in text
+    # A small ledger from the real writer: probs every tick but no correct stream, embedding only at tick 0.
+    rng = np.random.default_rng(3)
+    n, classes = 60, 3
+    small = ll.create(tmp_path / "small.ll", n_samples=n, labels=np.arange(n) % classes)
+    with small.run("r") as run:
+        for t in range(4):
+            logits = rng.normal(size=(n, classes))
+            probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+            run.log(small.sample_ids, loss=rng.gamma(2.0, 1.0 / (t + 1), size=n), probs=probs,
+                    **({"embedding": rng.normal(size=(n, 5))} if t == 0 else {}))
+            run.end_epoch()
+    text = write_report(small, tmp_path / "small.html").read_text()
+    assert _Page(text).h2 == HEADINGS
+    assert "Not computed: no sample observed in &#x27;loss&#x27;" in _section(text, "neighbours")
+    section = _section(text, "entropy")
+    assert "No accuracy curves: run &#x27;r&#x27; has no &#x27;correct&#x27; stream" in section
+    joint = entropy_vs_action(small, ["r"])
+    for region in ("high action, low entropy", "low action, high entropy"):
+        n_region = int(pc.sum(pc.equal(joint["region"], region)).as_py() or 0)
+        assert f'<td>{region}</td><td class="num">{n_region}</td>' in section
+    assert "split" not in re.search(r"<thead>(.*?)</thead>", section).group(1)  # no splits: one count column
+    # The note is about the tick: at tick 0, where the embedding was logged, neighbours() finds them.
+    assert neighbours(small, "r", k=2, top=1, tick=0).num_rows == 2
+
 
 
 def test_report_refuses_bad_input_and_leaves_an_existing_file_untouched(ledger, digits, tmp_path, monkeypatch):
@@ -221,6 +289,8 @@ def test_report_refuses_bad_input_and_leaves_an_existing_file_untouched(ledger, 
         write_report(ledger, out, images=digits[:10])
     with pytest.raises(ShapeMismatchError, match="positive integer"):
         write_report(ledger, out, top=0)
+    with pytest.raises(ShapeMismatchError, match="neighbour_k must be a positive integer"):
+        write_report(ledger, out, neighbour_k=0)
     with pytest.raises(UnknownStreamError, match="pass stream="):
         write_report(ledger, out, stream="nope")
     with pytest.raises(ShapeMismatchError, match="not a square number"):
