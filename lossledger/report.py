@@ -265,7 +265,7 @@ def _per_class(ctx: _Context) -> str:
     else:
         order = np.argsort(labels[observed], kind="stable")  # group by label in O(N log N), not O(N × classes)
         present, starts = np.unique(labels[observed][order], return_index=True)
-        groups = [(_class_name(ctx, int(c)), v) for c, v in zip(present, np.split(action[observed][order], starts[1:]))]
+        groups = [(class_name(ctx.ledger, int(c)), v) for c, v in zip(present, np.split(action[observed][order], starts[1:]))]
     medians = np.array([np.median(v) for _, v in groups])
     hardest_first = np.argsort(-medians, kind="stable")
     shown, selection = groups, ""
@@ -298,12 +298,12 @@ def _gallery(ctx: _Context, table: pa.Table, *, hardest: bool) -> str:
     if ctx.images is not None:
         cards = "".join(
             f'<div class="card">{ctx.images.tag(int(row), f"sample {sid}")}<div>#{rank} id {sid}</div>'
-            f"<div>{html.escape(_label_of(ctx, int(row)) + _split_of(ctx, int(row), ' · '))}</div>"
+            f"<div>{html.escape(label_of(ctx.ledger, int(row)) + _split_of(ctx, int(row), ' · '))}</div>"
             f"<div>action {a:.4g}</div>{'<div class=flag>flagged</div>' if int(sid) in flagged else ''}</div>"
             for rank, (sid, row, a) in enumerate(zip(ids, rows, action), start=1)
         )
         return f'<figure><div class="gallery">{cards}</div><figcaption>{html.escape(caption)}</figcaption></figure>'
-    body = [[rank, int(sid), _label_of(ctx, int(row)), _split_of(ctx, int(row)), float(a), float(v), float(last),
+    body = [[rank, int(sid), label_of(ctx.ledger, int(row)), _split_of(ctx, int(row)), float(a), float(v), float(last),
              "yes" if int(sid) in flagged else ""]
             for rank, (sid, row, a, v, last) in enumerate(
                 zip(ids, rows, action, table["variance"].to_numpy(), table["last"].to_numpy()), start=1)]
@@ -320,7 +320,7 @@ def _curves(ctx: _Context) -> str:
         warnings.simplefilter("ignore", RuntimeWarning)  # a tick where none of them was logged stays NaN
         reference = np.nanmean(_trajectories(ctx, ctx.easy["sample_id"].to_numpy()), axis=0)
     rows = ctx.ledger._index.rows(ids)
-    titles = [f"id {sid} · {_label_of(ctx, int(r))} · action {a:.3g}" + (" · flagged" if int(sid) in ctx.flagged else "")
+    titles = [f"id {sid} · {label_of(ctx.ledger, int(r))} · action {a:.3g}" + (" · flagged" if int(sid) in ctx.flagged else "")
               for sid, r, a in zip(ids, rows, ctx.hard["action"].to_numpy())]
     stop = ctx.window.stop if isinstance(ctx.window, Window) and ctx.window.stop < ctx.x.size else None
     png = _figures.curve_grid(
@@ -366,7 +366,7 @@ def _clusters(ctx: _Context) -> str:
                f"falls fastest) and the three samples closest to each centre (thin, same colour). Mirrors Fig 2 of "
                f"{_PAPER}.")
     centre_rows = [[c, int(sizes[c]), float(v[0]), float(v[-1]), float(np.mean(v))] for c, v in enumerate(centres)]
-    member_rows = [[c, sid, _label_of(ctx, int(r)), d] for (c, sid, d), r in zip(closest, ctx.ledger._index.rows(ids))]
+    member_rows = [[c, sid, label_of(ctx.ledger, int(r)), d] for (c, sid, d), r in zip(closest, ctx.ledger._index.rows(ids))]
     return (_figures.figure_html(png, caption, "loss-curve clusters")
             + _figures.table(["cluster", "samples", "centre at first tick", "centre at last tick", "centre mean"], centre_rows)
             + _figures.table(["cluster", "sample_id", "class", "distance to centre"], member_rows))
@@ -404,7 +404,7 @@ def _noisy(ctx: _Context) -> str:
     for rank, (sid, r, a, p, f) in enumerate(zip(ids, ctx.ledger._index.rows(ids), shown["action"].to_numpy(),
                                                  shown["p_noisy"].to_pylist(), shown["flagged"].to_pylist()), 1):
         image = [ctx.images.tag(int(r), f"sample {sid}")] if ctx.images is not None else []
-        body.append([rank, int(sid), *image, _label_of(ctx, int(r)), float(a), "" if p is None else float(p),
+        body.append([rank, int(sid), *image, label_of(ctx.ledger, int(r)), float(a), "" if p is None else float(p),
                      "yes" if f else ""])
     headers = ["rank", "sample_id", *(["image"] if ctx.images is not None else []), "class", "action", "p(noisy)",
                "flagged"]
@@ -468,14 +468,6 @@ def _trajectories(ctx: _Context, ids: np.ndarray) -> np.ndarray:
             warnings.simplefilter("ignore", RuntimeWarning)  # no element observed at a tick: NaN, as in scores
             values = np.nanmean(values.reshape(values.shape[0], values.shape[1], -1), axis=2)
     return values
-
-
-def _class_name(ctx: _Context, label: int) -> str:
-    return class_name(ctx.ledger, label)
-
-
-def _label_of(ctx: _Context, row: int) -> str:
-    return label_of(ctx.ledger, row)
 
 
 def _split_of(ctx: _Context, row: int, prefix: str = "") -> str:
