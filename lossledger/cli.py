@@ -55,7 +55,10 @@ def _compare(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report  # matplotlib only for this command
 
-    path = write_report(args.path, args.output, run=args.run, images=args.images, stream=args.stream, top=args.top)
+    path = write_report(
+        args.path, args.output, run=args.run, images=args.images, stream=args.stream, top=args.top,
+        neighbour_rows=args.neighbour_rows, neighbour_k=args.neighbour_k,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -255,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--images", help="an .npz (key x) or .npy of images, one per sample in ledger order")
     report.add_argument("--stream", default="loss", help="the stream to score (default: loss)")
     report.add_argument("--top", type=int, default=16, help="samples in each gallery (default: 16)")
+    report.add_argument("--neighbour-rows", type=int, default=8,
+                        help="hardest samples shown with their nearest neighbours, when the run logged an embedding "
+                        "(default: 8)")
+    report.add_argument("--neighbour-k", type=int, default=8, help="neighbours per row (default: 8)")
     report.set_defaults(handler=_report)
 
     maps = commands.add_parser("maps", help="write pixel action maps (PNG panels and .npy) of the hardest samples")

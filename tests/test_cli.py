@@ -243,3 +243,19 @@ def test_neighbours_match_the_python_api(curves, tmp_path):
     assert missing.returncode == 1 and "no committed stream 'feats'" in missing.stderr
     bad = run_cli("neighbours", path, "--ids", "a,b")
     assert bad.returncode == 2 and "comma-separated sample ids" in bad.stderr
+
+
+def test_report_passes_the_neighbour_options(tmp_path):
+    rng = np.random.default_rng(3)
+    ledger = ll.create(tmp_path / "r.ll", n_samples=40, labels=np.arange(40) % 4)
+    with ledger.run("r") as run:
+        for _ in range(3):
+            run.log(np.arange(40), loss=rng.gamma(2.0, 0.5, 40), embedding=rng.normal(size=(40, 5)))
+            run.end_epoch()
+    out = run_cli("report", str(ledger.path), str(tmp_path / "r.html"), "--neighbour-rows", "2", "--neighbour-k", "3")
+    assert out.returncode == 0, out.stderr
+    page = (tmp_path / "r.html").read_text()
+    section = page[page.index('<section id="neighbours">'):]
+    section = section[: section.index("</section>")]
+    assert section.count("<tr>") - 1 == 2  # a header row and one row per hard sample
+    assert "neighbour 3" in section and "neighbour 4" not in section
