@@ -59,8 +59,8 @@ if TYPE_CHECKING:
     from ._samples import SampleIndex
 
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
-#: Batches of fewer values are cast to float16 by numpy: pyarrow's cast loop is ~3.5x faster than numpy's (and
-#: gives the same bits for every float32), but costs ~20 us per call.
+#: Batches of fewer values are cast to float16 by numpy: pyarrow's cast gives the same bits for every float32 and
+#: is 1.4x faster on loss maps (3.5x on values below 6e-5, float16 subnormals), but costs ~20 us per call.
 _ARROW_CAST_MIN = 1 << 14
 #: Array attribute of a declared stream: its chunks are written by shard writers, never by the run's writer.
 SHARDED = "sharded"
