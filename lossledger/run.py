@@ -536,10 +536,7 @@ def as_float16(values: np.ndarray) -> np.ndarray:
     values = np.ascontiguousarray(values, dtype=np.float32)
     if values.size < _ARROW_CAST_MIN:
         return values.astype(np.float16)
-    try:
-        half = pc.cast(pa.array(values.reshape(-1)), pa.float16(), safe=False)
-    except pa.ArrowNotImplementedError:  # pyarrow < 16 has no float16 cast
-        return values.astype(np.float16)
+    half = pc.cast(pa.array(values.reshape(-1)), pa.float16(), safe=False)  # pyarrow >= 16
     return np.frombuffer(half.buffers()[1], np.float16, count=values.size).reshape(values.shape)
 
 
