@@ -324,6 +324,22 @@ def write_breakdown(sample: np.ndarray, n: int, batch: int, folder: Path, repeat
 
 
 # --- main ---------------------------------------------------------------------------------------------------
+
+def _timed_save(target: Path, data: np.ndarray, fsync: bool) -> tuple[float, float]:
+    """Wall and CPU seconds of ``np.save(data)`` to ``target`` (with ``fsync``: after an untimed sync, and
+    fsynced), then the file is removed."""
+    if fsync:
+        os.sync()
+    c0, t0 = time.process_time(), time.perf_counter()
+    with open(target, "wb") as f:
+        np.save(f, data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    wall, used = time.perf_counter() - t0, time.process_time() - c0
+    target.unlink()
+    return wall, used
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=500, help="samples (default 500)")
@@ -381,18 +397,9 @@ def main() -> int:
             order = order[t % 3 :] + order[: t % 3]
             for what in order:
                 if what == "np.save":
-                    target = folder / f"tick{t}.npy"
-                    if args.fsync:
-                        os.sync()
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    with open(target, "wb") as f:
-                        np.save(f, data)
-                        if args.fsync:
-                            f.flush()
-                            os.fsync(f.fileno())
-                    timings[what].append(time.perf_counter() - t0)
-                    cpu[what].append(time.process_time() - c0)
-                    target.unlink()
+                    wall, used = _timed_save(folder / f"tick{t}.npy", data, args.fsync)
+                    timings[what].append(wall)
+                    cpu[what].append(used)
                     continue
                 run = runs[what]
                 if args.fsync:
@@ -418,18 +425,9 @@ def main() -> int:
         # copy fast): the same saves back to back, nothing in between, as a second baseline.
         alone: dict[str, list[float]] = {"wall": [], "cpu": []}
         for t in range(ticks):
-            target = folder / "alone.npy"
-            if args.fsync:
-                os.sync()
-            c0, t0 = time.process_time(), time.perf_counter()
-            with open(target, "wb") as f:
-                np.save(f, data)
-                if args.fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            alone["wall"].append(time.perf_counter() - t0)
-            alone["cpu"].append(time.process_time() - c0)
-            target.unlink()
+            wall, used = _timed_save(folder / "alone.npy", data, args.fsync)
+            alone["wall"].append(wall)
+            alone["cpu"].append(used)
         del data
         stream_bytes = {dtype: folder_bytes(folder / "pixel.ll" / "runs" / r / "streams" / "pixel")
                         for dtype, r in (("float16", "f16"), ("float32", "f32"))}
