@@ -46,8 +46,8 @@ def open_sharded(
         try:
             for name, shape in shapes.items():
                 run.declare_stream(name, tuple(shape))
-            # An object store's options travel with its URL (Run has no public accessor for them).
-            options = getattr(run._io, "storage_options", None) or None
+            # An object store's options travel with its URL.
+            options = run.storage_options or None
             where = (str(run.ledger_path), run.name, run.ticks, run.allow_nonfinite, options)
         except Exception as err:
             if distributed:  # the other ranks must learn of it, or they would wait in the broadcast forever

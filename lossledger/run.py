@@ -171,6 +171,11 @@ class Run:
         """Where the ledger of this run is: its folder, or its object-store URL (shard writers open it)."""
         return self._io.root
 
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """The fsspec options the ledger was opened with (empty for a local folder); shard writers need them."""
+        return dict(getattr(self._io, "storage_options", {}))
+
     def log(self, ids: Any, /, **streams: Any) -> None:
         """Record per-sample values of one or more streams for the current tick.
 
