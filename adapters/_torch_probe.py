@@ -27,6 +27,7 @@ def evaluate(
     margin: bool = False,
     correct: bool = False,
     prob: bool = False,
+    probs: bool = False,
     embedding: str | None = None,
     device: torch.device | str | None = None,
     batch: Callable[[Any], tuple[Any, Any, Any]] | None = None,
@@ -39,7 +40,8 @@ def evaluate(
     that); inputs and targets are moved to ``device`` (default: the model's). ``loss_fn(logits, targets)`` must
     return (B,) (``reduction="none"``). Streams, each (B,) float32 unless said: ``{prefix}loss``; with
     ``margin``, logit of the true class minus the largest other logit (raw logits, as in AUM); ``correct``
-    (1.0/0.0, argmax); ``prob``, softmax probability of the true class; ``embedding="layer.name"``, that module's
+    (1.0/0.0, argmax); ``prob``, softmax probability of the true class; ``probs``, the whole softmax (B, classes)
+(for ``ll.analysis.entropy_vs_action``); ``embedding="layer.name"``, that module's
     output flattened to (B, D), captured by a forward hook. ``target`` is the run, or the training ``Recorder`` so
     that the probe joins its tick; probe batches do not count as optimizer steps. ``commit=False`` logs without
     committing. Returns the tick index when committed (``None`` on ranks that do not write).
@@ -80,6 +82,8 @@ def evaluate(
                     )
                 streams = {f"{prefix}loss": loss_fn(logits, targets)}
                 streams.update(_class_streams(logits, targets, prefix, margin=margin, correct=correct, prob=prob))
+                if probs:
+                    streams[f"{prefix}probs"] = _softmax(logits)
                 if embedding is not None:
                     streams[f"{prefix}embedding"] = captured[-1].reshape(captured[-1].shape[0], -1)
                 rec._add(ids, streams, count_step=False)
@@ -119,8 +123,15 @@ def _class_streams(
     if correct:
         out[f"{prefix}correct"] = (logits.argmax(1) == target[:, 0]).float()
     if prob:
-        out[f"{prefix}prob"] = torch.softmax(logits, 1).gather(1, target)[:, 0]
+        out[f"{prefix}prob"] = _softmax(logits).gather(1, target)[:, 0]
     return out
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities of (B, classes) logits, float32."""
+    if logits.ndim != 2:
+        raise ShapeMismatchError(f"probs needs (B, classes) logits; got logits of shape {tuple(logits.shape)}")
+    return torch.softmax(logits.float(), 1)
 
 
 def _first(out: Any) -> torch.Tensor:

@@ -165,22 +165,15 @@ class _TorchMLP:
             self.steps += 1
 
     def probe(self, run: Run, *, embedding: bool) -> None:
-        """Log every sample's loss, prob, margin, correct (the adapter's ``evaluate``) and probs, with
+        """Log every sample's loss, prob, margin, correct and probs through the adapter's ``evaluate``, with
         ``embedding`` also the last hidden layer's output (``evaluate``'s forward hook); commit the tick."""
         from lossledger.adapters.torch import IndexedDataset, evaluate
 
         torch = self._torch
         loader = torch.utils.data.DataLoader(IndexedDataset(torch.utils.data.TensorDataset(self._x, self._y)),
                                              batch_size=1024)  # in row order: the ids are 0..n-1
-        # evaluate logs p(label) only; the whole softmax comes from a hook on the output layer, in the same pass.
-        probs: list[Any] = []
-        hook = self._model[-1].register_forward_hook(lambda _m, _i, logits: probs.append(torch.softmax(logits, 1)))
-        try:
-            evaluate(run, self._model, loader, torch.nn.CrossEntropyLoss(reduction="none"), margin=True,
-                     correct=True, prob=True, embedding="3" if embedding else None, commit=False)
-        finally:
-            hook.remove()
-        run.log(np.arange(len(self._x)), probs=torch.cat(probs).numpy())
+        evaluate(run, self._model, loader, torch.nn.CrossEntropyLoss(reduction="none"), margin=True, correct=True,
+                 prob=True, probs=True, embedding="3" if embedding else None, commit=False)
         run.end_epoch(step=self.steps)
 
 

@@ -273,6 +273,7 @@ def numpy_probe(model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, np.
         "margin": true - others.max(1),
         "correct": (z.argmax(1) == y).astype(np.float64),
         "prob": np.exp(true - lse),
+        "probs": np.exp(z - lse[:, None]),
         "embedding": hidden,
     }
 
@@ -285,7 +286,7 @@ def test_evaluate_matches_numpy_on_the_digits_test_split(digits, digits_ledger):
         model = train_digits(digits, 2, lambda _e, ids, losses: rec.log(ids, losses), rec.end_epoch)
         rec.wait()
         tick = evaluate(rec, model, probe, nn.CrossEntropyLoss(reduction="none"), prefix="test_", margin=True,
-                        correct=True, prob=True, embedding="act")
+                        correct=True, prob=True, probs=True, embedding="act")
         assert tick == 2
         assert model.training and not model.act._forward_hooks  # train mode restored, hook removed
         want = numpy_probe(model, x[N_TRAIN:].double().numpy(), y[N_TRAIN:].numpy())
@@ -294,6 +295,7 @@ def test_evaluate_matches_numpy_on_the_digits_test_split(digits, digits_ledger):
     reader = ll.open(digits_ledger.path)
     assert reader.ticks("probe")["step"].to_pylist() == [38, 76, 76, 76]  # probe batches are not steps
     test_ids = np.arange(N_TRAIN, len(y))
+    np.testing.assert_allclose(want["probs"].sum(1), 1.0, rtol=1e-12)
     for name, expected in want.items():
         got = reader.trajectories("probe", f"test_{name}", ids=test_ids, ticks=[2])[:, 0]
         assert got.dtype == np.float32
