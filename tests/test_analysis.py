@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _ledgers import ledger_from_losses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -42,18 +43,6 @@ def test_detection_table_and_bad_input():
         auroc([1.0, 2.0], [True])
 
 
-def _ledger(tmp_path, losses, splits=None):
-    """A ledger whose run "r" holds ``losses`` (T, N); NaN entries are not logged."""
-    n_ticks, n = losses.shape
-    ledger = ll.create(tmp_path / "a.ll", n_samples=n, splits=splits)
-    with ledger.run("r") as run:
-        for t in range(n_ticks):
-            ids = np.flatnonzero(~np.isnan(losses[t]))
-            run.log(ids, loss=losses[t, ids])
-            run.end_epoch()
-    return ledger
-
-
 def _memorizing(onset, n_ticks=30, n=400, seed=0):
     """Clean samples learned at once; noisy ones stay hard until ``onset``, then are memorized (both reach a
     floor of 0.05, as a trained network's losses do)."""
@@ -68,7 +57,7 @@ def _memorizing(onset, n_ticks=30, n=400, seed=0):
 
 def test_separability_window_ends_near_the_memorization_onset(tmp_path):
     losses, noisy = _memorizing(onset=15)
-    ledger = _ledger(tmp_path, losses)
+    ledger = ledger_from_losses(tmp_path / "a.ll", losses)
     window = memorization_window(ledger, "r")
     assert window.method == "separability"
     assert 10 <= window.stop <= 18, window.curve.to_pydict()["smoothed"]
@@ -85,7 +74,7 @@ def test_validation_window_is_the_minimum_of_validation_loss(tmp_path):
     losses = np.tile(np.linspace(2.0, 0.1, n_ticks)[:, None], (1, n))
     splits = ["train"] * 40 + ["val"] * 10
     losses[:, 40:] = val_curve[:, None]
-    ledger = _ledger(tmp_path, losses, splits=splits)
+    ledger = ledger_from_losses(tmp_path / "a.ll", losses, splits=splits)
     window = memorization_window(ledger, "r", smooth=1)
     assert (window.method, window.stop) == ("validation", 8)
     np.testing.assert_allclose(window.curve["statistic"].to_numpy(), val_curve, rtol=1e-6)
@@ -97,7 +86,7 @@ def test_flag_noisy_mixture_and_reference(tmp_path):
     losses, noisy = _memorizing(onset=25, n_ticks=25)
     splits = ["val" if i % 10 == 0 else "train" for i in range(losses.shape[1])]
     losses[:, ::10] = _memorizing(onset=0, n_ticks=25, n=40, seed=1)[0]  # held-out samples: learned normally
-    ledger = _ledger(tmp_path, losses, splits=splits)
+    ledger = ledger_from_losses(tmp_path / "a.ll", losses, splits=splits)
     train = np.array(splits) == "train"
     result = flag_noisy(ledger, "r", ticks=None)
     assert result.window is None and result.method == "mixture"

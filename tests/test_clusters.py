@@ -6,24 +6,13 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from _ledgers import ledger_from_losses
 
-import lossledger as ll
 from lossledger import errors as E
 from lossledger.analysis.clusters import cluster_curves
 
 sklearn_cluster = pytest.importorskip("sklearn.cluster")
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
-
-
-def _ledger(path, losses, labels=None):
-    """A ledger whose run "r" holds ``losses`` (T, N); NaN entries are not logged."""
-    ledger = ll.create(path, n_samples=losses.shape[1], labels=labels)
-    with ledger.run("r") as run:
-        for row in losses:
-            ids = np.flatnonzero(~np.isnan(row))
-            run.log(ids, loss=row[ids])
-            run.end_epoch()
-    return ledger
 
 
 def _shapes(n, n_ticks=12, seed=0, missing=0.0):
@@ -74,7 +63,7 @@ def test_one_batch_is_lloyds_algorithm(tmp_path, monkeypatch, normalize):
     losses, shape = _shapes(150, missing=0.15)
     losses[:, 7] = np.nan  # never observed
     losses[:3, 8] = np.nan  # observed only later: the first value extends backwards
-    ledger = _ledger(tmp_path / "c.ll", losses, labels=np.arange(150) % 4)
+    ledger = ledger_from_losses(tmp_path / "c.ll", losses, labels=np.arange(150) % 4)
     rows, x = _prepare(losses, normalize)
     init = x[[int(np.flatnonzero(shape[rows] == j)[0]) for j in range(3)]]
     got = cluster_curves(ledger, "r", k=3, normalize=normalize, batch_size=1000, init=init, n_members=4)
@@ -106,7 +95,7 @@ def test_one_batch_is_lloyds_algorithm(tmp_path, monkeypatch, normalize):
 
 def test_mini_batches_match_sklearn_and_find_the_shapes(tmp_path):
     losses, shape = _shapes(3000, seed=1)
-    ledger = _ledger(tmp_path / "m.ll", losses)
+    ledger = ledger_from_losses(tmp_path / "m.ll", losses)
     _, x = _prepare(losses, True)
     reference = sklearn_cluster.KMeans(3, n_init=5, random_state=0).fit(x)
     got = cluster_curves(ledger, "r", k=3, batch_size=256, seed=3)
@@ -123,7 +112,7 @@ def test_mini_batches_match_sklearn_and_find_the_shapes(tmp_path):
 
 def test_window_and_raw_values(tmp_path):
     losses, _ = _shapes(200, seed=2)
-    ledger = _ledger(tmp_path / "w.ll", losses)
+    ledger = ledger_from_losses(tmp_path / "w.ll", losses)
     got = cluster_curves(ledger, "r", k=2, normalize=False, ticks=[5, 1, 1, 3], init=[[0.0] * 3, [1.0] * 3])
     assert got.ticks.tolist() == [1, 3, 5]
     x = losses[[1, 3, 5]].T.astype(np.float32).astype(np.float64)
@@ -135,7 +124,7 @@ def test_memory_is_one_batch_not_the_matrix(tmp_path, monkeypatch):
     n, n_ticks = 20_000, 100
     losses = np.random.default_rng(0).random((n_ticks, n))
     monkeypatch.setattr("lossledger.format.CHUNK_TARGET_BYTES", 4096)  # 1024 samples per chunk
-    ledger = _ledger(tmp_path / "big.ll", losses)
+    ledger = ledger_from_losses(tmp_path / "big.ll", losses)
     matrix = n * n_ticks * 8  # the float64 (samples x ticks) matrix: 16 MB
     monkeypatch.setattr("lossledger._scan.SCAN_BUDGET_BYTES", 1 << 20)  # blocks of 1024 curves: 400 KB
     cluster_curves(ledger, "r", batch_size=500, max_iter=2)  # warm imports and caches
@@ -150,7 +139,7 @@ def test_memory_is_one_batch_not_the_matrix(tmp_path, monkeypatch):
 
 
 def test_errors_say_what_to_do(tmp_path):
-    ledger = _ledger(tmp_path / "e.ll", np.ones((3, 4)))
+    ledger = ledger_from_losses(tmp_path / "e.ll", np.ones((3, 4)))
     with ledger.run("img") as run:
         run.log([0, 1], pixel=np.ones((2, 2, 2)))
         run.end_epoch()

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _ledgers import ledger_from_losses, sgd_digits_ledger
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import lossledger as ll
 from lossledger import errors as E
 from lossledger.analysis.curriculum import curriculum_chunks, greedy_curriculum
 
 sklearn_linear = pytest.importorskip("sklearn.linear_model")
 threadpool_limits = pytest.importorskip("threadpoolctl").threadpool_limits
-
-
-def _ledger(path, losses, labels=None, splits=None):
-    """A ledger whose run "r" holds ``losses`` (T, N); NaN entries are not logged."""
-    ledger = ll.create(path, n_samples=losses.shape[1], labels=labels, splits=splits, overwrite=True)
-    with ledger.run("r") as run:
-        for row in losses:
-            ids = np.flatnonzero(~np.isnan(row))
-            run.log(ids, loss=row[ids])
-            run.end_epoch()
-    return ledger
 
 
 @settings(max_examples=25, deadline=None)
@@ -39,7 +28,7 @@ def test_chunks_are_equal_class_balanced_and_sorted(tmp_path_factory, n, n_class
     losses = rng.choice([0.5, 1.0, 2.0, 3.5], size=(3, n)) * rng.random((1, n)).round(1)  # many ties
     losses[:, rng.random(n) < 0.1] = np.nan  # never observed: not a candidate
     observed = ~np.isnan(losses).all(axis=0)
-    ledger = _ledger(tmp_path_factory.mktemp("c") / "c.ll", losses, labels)
+    ledger = ledger_from_losses(tmp_path_factory.mktemp("c") / "c.ll", losses, labels=labels)
     if observed.sum() < n_chunks:
         with pytest.raises(E.ShapeMismatchError, match="ask for fewer chunks"):
             curriculum_chunks(ledger, "r", n_chunks)
@@ -73,7 +62,7 @@ def test_chunks_are_equal_class_balanced_and_sorted(tmp_path_factory, n, n_class
 def test_chunks_split_no_labels_and_errors(tmp_path):
     losses = np.arange(12, dtype=np.float64)[None, :] * np.ones((2, 1))
     splits = ["train"] * 8 + ["val"] * 4
-    ledger = _ledger(tmp_path / "s.ll", losses, splits=splits)
+    ledger = ledger_from_losses(tmp_path / "s.ll", losses, splits=splits)
     table = curriculum_chunks(ledger, "r", 4, split="train")
     assert table["sample_id"].to_pylist() == list(range(8))
     assert table["chunk"].to_pylist() == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -96,21 +85,7 @@ def test_chunks_split_no_labels_and_errors(tmp_path):
 def digits(tmp_path_factory):
     """Digits with 20% of the training labels flipped; run "sgd" logs a logistic model's per-sample log-loss
     over 15 epochs of partial_fit on the train split (every sample probed each epoch)."""
-    from lossledger.demo_training import load_data
-
-    data = load_data(noise=0.2, seed=0)
-    train = np.flatnonzero(data.split == "train")
-    model = sklearn_linear.SGDClassifier(loss="log_loss", random_state=0)
-    ledger = ll.create(tmp_path_factory.mktemp("d") / "digits.ll", n_samples=len(data.labels),
-                       labels=data.labels, splits=list(data.split))
-    ids = np.arange(len(data.labels))
-    with ledger.run("sgd") as run:
-        for _ in range(15):
-            model.partial_fit(data.x[train], data.labels[train], classes=np.arange(10))
-            p = np.clip(model.predict_proba(data.x), 1e-12, 1.0)
-            run.log(ids, loss=-np.log(p[ids, data.labels]))
-            run.end_epoch()
-    return ledger, data
+    return sgd_digits_ledger(tmp_path_factory.mktemp("d") / "digits.ll", 15, splits=True)
 
 
 def test_greedy_curriculum_matches_a_plain_reference_on_digits(digits):

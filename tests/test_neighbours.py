@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _ledgers import sgd_digits_ledger
 
 import lossledger as ll
 from lossledger import errors as E
@@ -87,20 +88,8 @@ def test_duplicates_are_neighbours_at_zero_and_k_caps(tmp_path):
 
 def test_neighbours_of_flipped_digits_carry_their_true_class(tmp_path):
     """Paper Fig. 5: the hardest samples' neighbours show what the sample really looks like."""
-    from lossledger.demo_training import load_data
-
-    linear = pytest.importorskip("sklearn.linear_model")
-    data = load_data(noise=0.2, seed=0)
-    train = np.flatnonzero(data.split == "train")
-    ledger = ll.create(tmp_path / "digits.ll", n_samples=len(data.labels), labels=data.labels)
-    model = linear.SGDClassifier(loss="log_loss", random_state=0)
-    ids = np.arange(len(data.labels))
-    with ledger.run("sgd") as run:
-        for _ in range(8):
-            model.partial_fit(data.x[train], data.labels[train], classes=np.arange(10))
-            p = np.clip(model.predict_proba(data.x), 1e-12, 1.0)
-            run.log(ids, loss=-np.log(p[ids, data.labels]))
-            run.end_epoch()
+    pytest.importorskip("sklearn.linear_model")
+    ledger, data = sgd_digits_ledger(tmp_path / "digits.ll", 8)
     table = neighbours(ledger, "sgd", k=8, top=20, features=data.x)
     query = table["query_id"].to_numpy().reshape(20, 8)[:, 0]
     neighbour_labels = table["neighbour_label"].to_numpy().reshape(20, 8)
