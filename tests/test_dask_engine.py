@@ -133,6 +133,19 @@ def score_tasks(stream) -> list[dict]:
     return [r for r in stream.data if r["key"].startswith("score_block-")]
 
 
+def write_exponential_losses(led: ll.Ledger, t: int, rng: np.random.Generator, *, logged: float) -> np.ndarray:
+    """Run "r" of ``led``: ``t`` ticks of exponential losses, each sample logged with probability ``logged``;
+    returns the (t, N) float32 values written, NaN where not logged."""
+    values = np.full((t, led.n_samples), np.nan, np.float32)
+    with led.run("r") as run:
+        for tick in range(t):
+            ids = np.flatnonzero(rng.random(led.n_samples) < logged)
+            values[tick, ids] = rng.exponential(1.0, ids.size).astype(np.float32)
+            run.log(ids, loss=values[tick, ids])
+            run.end_epoch()
+    return values
+
+
 @pytest.mark.parametrize("stream", list(STREAMS))
 def test_dask_equals_local_and_numpy(client, written, stream):
     led, values = written
@@ -198,13 +211,7 @@ def test_default_constants_several_blocks_slabs_and_tiles(client, tmp_path, monk
     n, t = 300_000, 40
     rng = np.random.default_rng(1)
     led = ll.create(tmp_path / "big.ll", n_samples=n)
-    values = np.full((t, n), np.nan, np.float32)
-    with led.run("r") as run:
-        for tick in range(t):
-            ids = np.flatnonzero(rng.random(n) < 0.9)
-            values[tick, ids] = rng.exponential(1.0, ids.size).astype(np.float32)
-            run.log(ids, loss=values[tick, ids])
-            run.end_epoch()
+    values = write_exponential_losses(led, t, rng, logged=0.9)
     assert block_layout(n, 262144, (), t, 64 << 20) == (262144, 32)
     for dt, window in (("epoch", None), ("step", slice(1, None))):
         got = fresh(led).scores("r", dt=dt, ticks=window, engine="dask", client=client)
@@ -297,13 +304,7 @@ def test_workers_read_a_ledger_on_object_storage(client, s3_options, monkeypatch
     rng = np.random.default_rng(3)
     url = "s3://ledgers/dask/d.ll"
     led = ll.create(url, n_samples=n, storage_options=s3_options)
-    values = np.full((t, n), np.nan, np.float32)
-    with led.run("r") as run:
-        for tick in range(t):
-            ids = np.flatnonzero(rng.random(n) < 0.8)
-            values[tick, ids] = rng.exponential(1.0, ids.size).astype(np.float32)
-            run.log(ids, loss=values[tick, ids])
-            run.end_epoch()
+    values = write_exponential_losses(led, t, rng, logged=0.8)
     reader = ll.open(url, storage_options=s3_options)
     with get_task_stream(client) as tasks:
         got = reader.scores("r", dt="step", engine="dask", client=client)
