@@ -3,16 +3,16 @@
 The local engine (:func:`lossledger.scores.score_blocks` over :func:`lossledger._scan.scan`) walks a stream in
 sample blocks (whole chunk columns) and, inside each block, in slabs of ticks. Here every block is one Dask task.
 The client sends a small description (:class:`BlockJob`: the ledger's path or URL, run, stream, tick positions,
-Δt, ticks per slab, plus the block's sample rows); the task opens the ledger itself, reads and decodes only that
+Δt, the scan budget, plus the block's sample rows); the task opens the ledger itself, reads and decodes only that
 block's chunks, runs the same kernel (:class:`lossledger.scores._BlockMoments`) over the same slabs, and sends
 back the block's per-sample statistics (~64 bytes per sample), never loss values. Same blocks, same slabs, same
 tiles: the same floating-point operations in the same order, so the table is bit-identical to
 ``engine="local"`` where the workers run the same numpy build on the same kind of CPU (docs/scale-out.md).
 
-Cache: the result over all ticks is the local engine's, bit for bit, so this engine shares its cache file
-(:mod:`lossledger._scoring`): a valid one is returned without starting a task, and a computed result is
-written there batch by batch as the blocks come back (a window, or a ledger whose cache folder cannot be
-written, goes to a temp file), then handed out memory-mapped; ``top``, ``export`` and the SQL views reuse it.
+Everything but the blocks' statistics is the local engine's (:func:`lossledger._scoring.compute_scores`, which
+takes this engine as its block source): the plan (the same scan budget), the cache file (a valid one is returned
+without starting a task; a computed result is written there batch by batch as the blocks come back, or to a
+temp file for a window), the memory-mapped result that ``top``, ``export`` and the SQL views reuse.
 
 Dask is optional (the ``[dask]`` extra) and is imported only here, only when this engine is asked for.
 """
@@ -21,35 +21,23 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
-from . import _scan
-from ._arrays import tick_positions
-from ._commit import read_run_attrs, read_ticks
+from ._commit import read_run_attrs
 from ._remote import store_io
 from ._samples import Samples
 from ._scan import block_layout
-from ._scoring import (
-    BATCH_ROWS,
-    _CacheWriter,
-    _checked_commit,
-    _open_cache,
-    _scratch_writer,
-    _stamp,
-    _writable,
-    cache_path,
-    compute_scores,
-    nan_view,
-)
+from ._scoring import compute_scores
 from ._store import StoreIO
 from .errors import LedgerNotFoundError, MissingDependencyError, ShapeMismatchError
 from .format import stream_key
-from .scores import block_table, score_blocks, scores_schema, tick_durations
+from .scores import score_blocks
 
 Engine = Literal["local", "dask"]
 ENGINES: tuple[str, ...] = ("local", "dask")
@@ -148,59 +136,34 @@ def _check_same_ledger(io: StoreIO, job: BlockJob) -> None:
 def dask_scores(
     io: StoreIO, samples: Samples, run: str, stream: str, dt: str, ticks: Any, *, client: Any = None
 ) -> pa.Table:
-    """:func:`lossledger._scoring.compute_scores`, computed by Dask tasks (one per sample block) on ``client``
-    (default: the current ``distributed`` client, else Dask's default scheduler). Bit-identical result, written
-    to the same cache file (or temp file) and handed out memory-mapped the same way.
+    """:func:`lossledger._scoring.compute_scores` with the blocks computed by Dask tasks (one per sample block) on
+    ``client`` (default: the current ``distributed`` client, else Dask's default scheduler). The same plan, cache
+    and files as the local engine: a valid cache is returned without starting a task.
 
     Memory on the client: the results of a few blocks at a time (~64 bytes per sample of a block), written to
     the file as they come; never loss values.
     """
     dask = _import_dask()
-    commit = _checked_commit(io, run, stream, (dt,))
-    stamp = _stamp(commit)
-    schema = scores_schema(samples.label is not None)
-    cacheable = ticks is None and io.local  # as the local engine: an object store's ledger has no cache folder
-    cache = cache_path(io.root, run, stream, dt)
-    found = _open_cache(cache, stamp) if cacheable else None
-    if found is not None and found.table.num_rows == samples.n and found.table.schema.equals(schema):
-        return nan_view(found.table)
-    tick_index = np.unique(tick_positions(ticks, commit["ticks"]))  # a window counts each tick once
-    if tick_index.size == 0:  # nothing to read: the local engine's all-NaN table
-        return compute_scores(io, samples, run, stream, dt, ticks)
-    rows = read_ticks(io, run, commit)
-    array = io.open_array(stream_key(run, stream))
-    n, element = int(array.shape[1]), tuple(int(d) for d in array.shape[2:])
-    budget = _scan.SCAN_BUDGET_BYTES
-    width, _ = block_layout(n, int(array.chunks[1]), element, tick_index.size, budget)
-    job = BlockJob(
-        location=os.path.abspath(io.root) if io.local else str(io.root),
-        storage_options=dict(getattr(io, "storage_options", {})),
-        created=(io.group_attrs("") or {}).get("created"),
-        run=run,
-        stream=stream,
-        tick_index=tick_index,
-        dts=tick_durations(dt, rows["step"], rows["wall"])[tick_index][np.newaxis],
-        budget_bytes=budget,
+    location = os.path.abspath(io.root) if io.local else str(io.root)
+    job = partial(
+        BlockJob, location=location, storage_options=dict(getattr(io, "storage_options", {})),
+        created=(io.group_attrs("") or {}).get("created"), run=run, stream=stream,
     )
-    shared = dask.delayed(job)  # one graph key: sent to each worker once, not once per task
+    return compute_scores(io, samples, run, stream, dt, ticks, blocks=partial(_task_blocks, dask, client, job))
+
+
+def _task_blocks(
+    dask: Any, client: Any, job: Callable[..., BlockJob], array: Any, tick_index: np.ndarray, dts: np.ndarray, *,
+    budget_bytes: int,
+) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """:func:`lossledger.scores.score_blocks`'s blocks of ``array``, each scored by a Dask task on a worker."""
+    n, element = int(array.shape[1]), tuple(int(d) for d in array.shape[2:])
+    width, _ = block_layout(n, int(array.chunks[1]), element, tick_index.size, budget_bytes)
+    shared = dask.delayed(job(tick_index=tick_index, dts=dts, budget_bytes=budget_bytes))  # sent once per worker
     starts = range(0, n, width)
     tasks = [dask.delayed(score_block)(shared, lo, min(n, lo + width)) for lo in starts]
-    cache_it = cacheable and _writable(cache.parent)
-    writer = (
-        _CacheWriter(cache, schema, stamp)
-        if cache_it
-        else _scratch_writer(schema, io.root / "cache" if io.local else None)
-    )
-    try:
-        for lo, stats in zip(starts, _in_order(dask, tasks, client)):
-            hi = lo + stats["n_obs"].shape[0]
-            label = None if samples.label is None else samples.label[lo:hi]
-            batch = block_table(schema, samples.sample_id[lo:hi], label, {**stats, "action": stats["action"][0]})
-            for row in range(0, hi - lo, BATCH_ROWS):  # batches as the local engine writes them
-                writer.write(batch.slice(row, BATCH_ROWS))
-        return nan_view(writer.commit().table)
-    finally:
-        writer.discard()
+    for lo, stats in zip(starts, _in_order(dask, tasks, client)):
+        yield lo, min(n, lo + width), stats
 
 
 def _in_order(dask: Any, tasks: list[Any], client: Any) -> Iterator[dict[str, np.ndarray]]:

@@ -31,7 +31,7 @@ import os
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,6 +54,9 @@ BATCH_ROWS = 1 << 18
 #: widens blocks when a run has few ticks (8.4M samples for one tick: 1.1 GB more at the peak). Narrower
 #: blocks cost no time: one tick of 10M samples scored in 0.22 s in blocks of 1M, 0.32 s in blocks of 8.4M.
 BLOCK_VALUES = 1 << 20
+#: What computes the statistics of a stream's sample blocks: ``(array, tick_index, dts (k, n), *, budget_bytes)``
+#: to ``(lo, hi, stats)`` per block in row order, as :func:`lossledger.scores.score_blocks` yields them.
+BlockSource = Callable[..., Iterator[tuple[int, int, dict[str, Any]]]]
 #: Tables handed out by :func:`compute_scores`, by (cache file, its identity, commit stamp); held weakly.
 _handed_out: weakref.WeakValueDictionary[tuple, pa.Table] = weakref.WeakValueDictionary()
 
@@ -83,19 +86,22 @@ class ScoreFile:
 
 
 def compute_scores(
-    io: StoreIO, samples: Samples, run: str, stream: str, dt: str, ticks: Any, *, use_cache: bool = True
+    io: StoreIO, samples: Samples, run: str, stream: str, dt: str, ticks: Any, *, use_cache: bool = True,
+    blocks: BlockSource | None = None,
 ) -> pa.Table:
     """Scores of ``stream`` in ``run`` (see :mod:`lossledger.scores`), one row per sample in row order, NaN missing.
 
-    Memory: while computing, the scan's slabs (64 MB) and a block's state; the result is a memory-mapped file
-    (RSS only for the pages the caller touches), or ~80 bytes per sample where no file can be written.
+    ``blocks`` computes the per-block statistics (default :func:`lossledger.scores.score_blocks`; the Dask
+    engine's tasks); whichever does, the blocks, slabs and cache are the same. Memory: while computing, the scan's slabs
+    (64 MB) and a block's state; the result is a memory-mapped file (RSS only for the pages the caller touches),
+    or ~80 bytes per sample where no file can be written.
     """
     cacheable = use_cache and ticks is None and io.local
     key = _handed_out_key(io, run, stream, dt) if cacheable else None
     if key is not None and (table := _handed_out.get(key)) is not None:
         return table
     before = _commit_id(read_run_attrs(io, run)["commit"]) if cacheable else None
-    table = nan_view(stored_scores(io, samples, run, stream, dt, ticks, use_cache=use_cache))
+    table = nan_view(stored_scores(io, samples, run, stream, dt, ticks, use_cache=use_cache, blocks=blocks))
     key = _handed_out_key(io, run, stream, dt) if cacheable else None
     # Remember the table only under the commit it was computed from: a commit landing meanwhile changes the stamp.
     if key is not None and key[-1] == before:
@@ -104,10 +110,11 @@ def compute_scores(
 
 
 def stored_scores(
-    io: StoreIO, samples: Samples, run: str, stream: str, dt: str, ticks: Any, *, use_cache: bool = True
+    io: StoreIO, samples: Samples, run: str, stream: str, dt: str, ticks: Any, *, use_cache: bool = True,
+    blocks: BlockSource | None = None,
 ) -> pa.Table:
     """Like :func:`compute_scores`, with missing scores as null, as the files store them."""
-    return _score_files(io, samples, run, stream, (dt,), ticks, use_cache)[dt].table
+    return _score_files(io, samples, run, stream, (dt,), ticks, use_cache, blocks=blocks)[dt].table
 
 
 def stored_scores_all(io: StoreIO, samples: Samples, run: str, stream: str) -> dict[str, ScoreFile]:
@@ -171,7 +178,7 @@ def _checked_commit(io: StoreIO, run: str, stream: str, dts: tuple[str, ...]) ->
 
 def _score_files(
     io: StoreIO, samples: Samples, run: str, stream: str, dts: tuple[str, ...], ticks: Any, use_cache: bool,
-    *, compute_uncached: bool = True,
+    *, compute_uncached: bool = True, blocks: BlockSource | None = None,
 ) -> dict[str, ScoreFile]:
     """The scores of each ``dt`` in ``dts``: from valid cache files, the others computed in one read into new
     cache files (when cacheable and writable) or else into temp files; with ``compute_uncached=False`` the
@@ -199,7 +206,7 @@ def _score_files(
                 _CacheWriter(cache_path(io.root, run, stream, dt), schema, stamp) if cache_it
                 else _scratch_writer(schema, io.root / "cache" if io.local else None)
             )
-        for per_dt in _engine(io, samples, run, stream, commit, todo, ticks):
+        for per_dt in _engine(io, samples, run, stream, commit, todo, ticks, blocks):
             for dt, batch in zip(todo, per_dt):
                 writers[dt].write(batch)
         for dt in todo:
@@ -211,7 +218,8 @@ def _score_files(
 
 
 def _engine(
-    io: StoreIO, samples: Samples, run: str, stream: str, commit: dict[str, Any], dts: tuple[str, ...], ticks: Any
+    io: StoreIO, samples: Samples, run: str, stream: str, commit: dict[str, Any], dts: tuple[str, ...], ticks: Any,
+    blocks_of: BlockSource | None = None,
 ) -> Iterator[list[pa.RecordBatch]]:
     """Yield, per slice of at most :data:`BATCH_ROWS` samples, one record batch for each ``dt`` in ``dts``."""
     tick_index = np.unique(tick_positions(ticks, commit["ticks"]))  # a window counts each tick once
@@ -225,7 +233,8 @@ def _engine(
         )
     else:
         array = io.open_array(stream_key(run, stream))
-        blocks = score_blocks(array, tick_index, series, budget_bytes=_slab_budget(array, tick_index.size))
+        compute = blocks_of or score_blocks  # looked up now (the default is this module's score_blocks)
+        blocks = compute(array, tick_index, series, budget_bytes=_slab_budget(array, tick_index.size))
     for lo, hi, stats in blocks:
         label = None if samples.label is None else samples.label[lo:hi]
         per_dt = [

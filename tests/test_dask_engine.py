@@ -358,3 +358,27 @@ def test_without_dask_the_error_names_the_extra(written, monkeypatch, store_file
         led.scores("r", engine="dask")
     assert isinstance(err.value, ImportError)
     assert store_files(led.path) == before
+
+
+def test_dask_blocks_are_the_local_engines_when_blocks_are_capped(client, written, monkeypatch):
+    """With few ticks the local engine caps a block at ``BLOCK_VALUES`` values (a smaller scan budget); the tasks
+    get that same plan from the client: one task per local block, and the same bits."""
+    import lossledger._scoring as scoring
+
+    led, _ = written
+    monkeypatch.setattr(scoring, "BLOCK_VALUES", 1000)  # 1000 // 1024 per chunk -> one chunk per block
+    widths: list[int] = []
+    real = scoring.score_blocks
+
+    def recording(*args, **kwargs):
+        for lo, hi, stats in real(*args, **kwargs):
+            widths.append(hi - lo)
+            yield lo, hi, stats
+
+    monkeypatch.setattr(scoring, "score_blocks", recording)
+    want = fresh(led).scores("r", dt="step", ticks=[4])
+    monkeypatch.setattr(scoring, "score_blocks", real)
+    with get_task_stream(client) as tasks:
+        got = fresh(led).scores("r", dt="step", ticks=[4], engine="dask", client=client)
+    assert len(widths) > 1 and len(score_tasks(tasks)) == len(widths)
+    assert_bit_equal(got, want)
