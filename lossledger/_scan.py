@@ -31,6 +31,7 @@ from zarr.storage import LocalStore
 
 from ._commit import decode_chunk, has_checksum
 from ._progress import report
+from ._threads import thread_pool
 
 _PROTO = default_buffer_prototype()
 #: Bytes of slabs in memory at once (the slab the caller holds and the one being read ahead), float32.
@@ -40,15 +41,9 @@ READ_THREADS = max(2, min(4, os.cpu_count() or 2))
 #: Chunks a :func:`read_chunks` keeps in flight ahead of its caller.
 READ_AHEAD_CHUNKS = 8
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
-
 
 def _read_pool() -> ThreadPoolExecutor:
-    """The reading threads of this process: a forked child gets its own (the parent's threads are not in it)."""
-    global _pool
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lossledger-read"))
-    return _pool[1]
+    return thread_pool("read", READ_THREADS)
 
 
 @dataclass(frozen=True)

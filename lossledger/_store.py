@@ -31,6 +31,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from ._threads import thread_pool
 from .errors import CorruptLedgerError, ReadOnlyError, RunLockedError
 from .format import run_key
 
@@ -47,7 +48,6 @@ DEFAULT_COMPRESSOR = zarr.codecs.BloscCodec(cname="lz4", clevel=1, shuffle="shuf
 #: Threads that encode and write a commit's files, the caller's included. Four keep both cores of a small
 #: machine busy while some wait on the file system; more buys nothing for the handful of files of a tick.
 WRITE_THREADS = 4
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
 
 #: The bytes of one key: one buffer, or parts stored one after the other (a chunk and its checksum, uncopied).
 Data = bytes | tuple[bytes, ...]
@@ -56,11 +56,8 @@ Payload = Data | Callable[[], Data]
 
 
 def write_pool() -> ThreadPoolExecutor:
-    """The writer threads of this process (a forked child makes its own: the parent's threads are not in it)."""
-    global _pool
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(WRITE_THREADS - 1, thread_name_prefix="lossledger-write"))
-    return _pool[1]
+    """The writer threads of this process (besides the caller's)."""
+    return thread_pool("write", WRITE_THREADS - 1)
 
 
 class StoreIO:

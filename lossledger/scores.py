@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ._scan import Slab, scan
+from ._threads import thread_pool
 
 Dt = Literal["epoch", "step", "wall"]
 DT_MODES: tuple[str, ...] = ("epoch", "step", "wall")
@@ -43,17 +43,6 @@ def tick_durations(dt: str, step: np.ndarray, wall: np.ndarray) -> np.ndarray:
 #: Values per tile: statistics are reduced over ticks tile by tile (a few thousand samples wide), so that the
 #: float64 temporaries of a tile (8 bytes per value) stay in the CPU cache instead of streaming through memory.
 TILE_VALUES = 1 << 18
-
-
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid that made it, pool)
-
-
-def _kernel_pool() -> ThreadPoolExecutor:
-    """Threads that fold tiles (one per core; a forked child makes its own)."""
-    global _pool
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="lossledger-score"))
-    return _pool[1]
 
 
 class _BlockMoments:
@@ -94,7 +83,7 @@ class _BlockMoments:
 
         starts = range(0, x.shape[1], step)
         if len(starts) > 1:  # tiles own disjoint columns, and numpy releases the GIL: fold them on all cores
-            for _ in _kernel_pool().map(fold, starts):
+            for _ in thread_pool("score", os.cpu_count() or 2).map(fold, starts):
                 pass
         else:
             fold(0)
