@@ -71,8 +71,9 @@ class ChunkSource:
         self.element = tuple(int(d) for d in array.shape[2:])
         self.dtype = np.dtype(array.dtype)
         self.n_cols = -(-self.n // self.per_chunk)
-        self._folder = _chunk_folder(array)
-        self._checksum = bool(has_checksum(dict(array.metadata.to_dict())))
+        meta: dict[str, Any] = dict(array.metadata.to_dict())  # the array's zarr.json document
+        self._folder = _chunk_folder(array, meta)
+        self._checksum = bool(has_checksum(meta))
         self._local = isinstance(array.store, LocalStore)
         self._suffix = "/0" * len(self.element)
         self._nbytes = self.per_chunk * int(np.prod(self.element, dtype=np.int64)) * self.dtype.itemsize
@@ -125,11 +126,10 @@ class ChunkSource:
         return (None if data is None else data.to_bytes()), f"{self.array.store}/{key}"
 
 
-def _chunk_folder(array: zarr.Array) -> str | None:
+def _chunk_folder(array: zarr.Array, meta: dict[str, Any]) -> str | None:
     """Where ``array``'s chunks are (a local folder, or a key prefix in its store) if this module can decode them
-    itself, else None."""
+    itself (``meta``: its zarr.json document), else None."""
     store = array.store
-    meta: dict[str, Any] = dict(array.metadata.to_dict())  # the array's zarr.json document
     fill = meta.get("fill_value")
     if (
         has_checksum(meta) is None
