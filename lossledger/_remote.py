@@ -95,13 +95,10 @@ class RemoteStoreIO(StoreIO):
                 f"reading {url} needs fsspec's driver for {url.split('://')[0]}:// ({err}); install it, e.g. "
                 "pip install 'lossledger[s3]' for s3://"
             ) from err
-        self.root = url  # type: ignore[assignment]  # joins with "/" like a Path
-        self.read_only = read_only
-        self.checksums = checksums
+        # A URL joins keys with "/" like a Path: messages and callers use the root the same way.
+        super().__init__(url, read_only=read_only, checksums=checksums, store=store)  # type: ignore[arg-type]
         self.storage_options = dict(storage_options or {})
-        self.store = store  # type: ignore[assignment]
         self.store_path: str = store.path  # "bucket/prefix" of the ledger, without the scheme
-        self._folders = set()
         self._leases: dict[str, LeaseLock] = {}
 
     def put_many(self, items: Mapping[str, Payload]) -> None:

@@ -27,6 +27,7 @@ import numcodecs
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
@@ -61,7 +62,8 @@ def write_pool() -> ThreadPoolExecutor:
 
 
 class StoreIO:
-    """Synchronous helpers over one local Zarr store rooted at ``root``.
+    """Synchronous helpers over one Zarr store rooted at ``root``: a local folder (``store`` None: a
+    ``LocalStore``), or another store given as ``store`` (:class:`lossledger._remote.RemoteStoreIO`).
 
     ``checksums``: arrays created here end their codec pipeline with ``crc32c`` (format v2); False for a
     format v1 ledger, whose arrays have none.
@@ -69,11 +71,11 @@ class StoreIO:
 
     local = True
 
-    def __init__(self, root: Path, *, read_only: bool, checksums: bool = True) -> None:
+    def __init__(self, root: Path, *, read_only: bool, checksums: bool = True, store: Store | None = None) -> None:
         self.root = root
         self.read_only = read_only
         self.checksums = checksums
-        self.store = LocalStore(root, read_only=read_only)
+        self.store: Store = LocalStore(root, read_only=read_only) if store is None else store
         self._folders: set[Path] = set()  # folders known to exist (forgotten whenever anything is deleted)
 
     # --- JSON documents -------------------------------------------------------------------------------
