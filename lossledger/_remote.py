@@ -165,22 +165,30 @@ class LeaseLock:
             pass
         try:
             head = self._s3("head_object")
-        except FileNotFoundError:  # released meanwhile: try once more
-            return self._s3("put_object", Body=self._body, IfNoneMatch="*")["ETag"]
-        age = _age_s(head)
-        if age < LEASE_SECONDS:
-            raise RunLockedError(
-                f"run {self._run!r} is being written by another writer (lock {self._where}, renewed {age:.0f} s "
-                f"ago); close that writer first, or log to a run of another name. A writer that was killed "
-                f"loses the lock {LEASE_SECONDS:.0f} s after its last renewal"
-            )
-        try:  # stale: take it over, unless someone else renewed or took it since we looked
+            age = _age_s(head)
+            if age < LEASE_SECONDS:
+                raise RunLockedError(
+                    f"run {self._run!r} is being written by another writer (lock {self._where}, renewed {age:.0f} s "
+                    f"ago); close that writer first, or log to a run of another name. A writer that was killed "
+                    f"loses the lock {LEASE_SECONDS:.0f} s after its last renewal"
+                )
+            # Stale: take it over, unless someone else renewed or took it since we looked.
             return self._s3("put_object", Body=self._body, IfMatch=head["ETag"])["ETag"]
+        except FileNotFoundError:  # released meanwhile: try once more
+            try:
+                return self._s3("put_object", Body=self._body, IfNoneMatch="*")["ETag"]
+            except FileExistsError as err:
+                raise self._taken_first() from err
+        except RunLockedError:
+            raise
         except OSError as err:
-            raise RunLockedError(
-                f"run {self._run!r}: another writer took the stale lock {self._where} first; close that writer "
-                "first, or log to a run of another name"
-            ) from err
+            raise self._taken_first() from err
+
+    def _taken_first(self) -> RunLockedError:
+        return RunLockedError(
+            f"run {self._run!r}: another writer took the lock {self._where} first; close that writer first, or "
+            "log to a run of another name"
+        )
 
     def _renew(self) -> None:
         if self._lost is None:
